@@ -1,0 +1,236 @@
+"""The decoding interface: one base class that owns the call, short names
+through a small registry, and the result dataclass every strategy returns.
+
+A strategy subclasses :class:`DecodingStrategy` and implements
+:meth:`DecodingStrategy.decode_batch`; the base class tokenises prompts,
+batches them, times the work, counts forward passes and builds
+:class:`Generation` results. Any subclass is usable from YAML by
+``class_path`` without registering; :func:`register` only adds a short name.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
+
+import torch
+
+from pdlightning.decoding.lm import LanguageModel
+from pdlightning.tags import PlanEntry
+from pdlightning.tokenizer import format_prompt
+
+
+@dataclass
+class Counters:
+    """What one response cost.
+
+    Attributes:
+        forward_passes: Forward passes of the batch this response was decoded in.
+        critical_path: Forward passes on this response's sequential path (AR:
+            generated tokens; planned diffusion: plan tokens + denoising steps).
+        content_tokens: Answer tokens generated (not control, not pad).
+        control_tokens: Control tokens generated (tags, sync, end).
+        pad_tokens: Pad tokens generated.
+        seconds: Wall-clock seconds of the batch this response was decoded in.
+    """
+
+    forward_passes: int = 0
+    critical_path: int = 0
+    content_tokens: int = 0
+    control_tokens: int = 0
+    pad_tokens: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class RowOutput:
+    """What a strategy returns for one row of a batch (before the base class adds timing).
+
+    Attributes:
+        token_ids: Generated ids after the prompt (control tokens included).
+        answer_ids: Ids of the final answer (tags, pads, masks removed).
+        critical_path: Forward passes on this row's sequential path.
+        plan: Plan entries (planned strategies).
+        spans: Filled span texts in plan order (planned strategies).
+        repairs: What was repaired in an imperfect plan.
+    """
+
+    token_ids: list[int]
+    answer_ids: list[int]
+    critical_path: int
+    plan: list[PlanEntry] | None = None
+    spans: list[str] | None = None
+    repairs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Generation:
+    """One response: its text, token ids, plan and spans, counters and repairs."""
+
+    prompt: str
+    text: str
+    token_ids: list[int]
+    counters: Counters
+    plan: list[PlanEntry] | None = None
+    spans: list[str] | None = None
+    repairs: list[str] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return self.counters.seconds
+
+    @property
+    def critical_path(self) -> int:
+        return self.counters.critical_path
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_REGISTRY: dict[str, type[DecodingStrategy]] = {}
+
+
+def register(name: str) -> Callable[[type[DecodingStrategy]], type[DecodingStrategy]]:
+    """Class decorator giving a strategy a short name (``get_strategy(name)``)."""
+
+    def deco(cls: type[DecodingStrategy]) -> type[DecodingStrategy]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"decoding strategy name {name!r} is already taken by {_REGISTRY[name]}")
+        _REGISTRY[name] = cls
+        cls.name = name
+        return cls
+
+    return deco
+
+
+def list_strategies() -> list[str]:
+    """Short names of the registered strategies."""
+    _import_builtin()
+    return sorted(_REGISTRY)
+
+
+def get_strategy(name: str, **kwargs: object) -> DecodingStrategy:
+    """Instantiate a strategy by short name or by dotted ``class_path``."""
+    _import_builtin()
+    if name in _REGISTRY:
+        return _REGISTRY[name](**kwargs)
+    if "." in name:
+        import importlib
+
+        module, _, cls_name = name.rpartition(".")
+        cls = getattr(importlib.import_module(module), cls_name)
+        if not (isinstance(cls, type) and issubclass(cls, DecodingStrategy)):
+            raise TypeError(f"{name} is not a DecodingStrategy subclass")
+        return cls(**kwargs)
+    raise ValueError(f"unknown decoding strategy {name!r}; registered: {sorted(_REGISTRY)}")
+
+
+def _import_builtin() -> None:
+    import pdlightning.decoding  # noqa: F401  (its __init__ imports every built-in strategy)
+
+
+class DecodingStrategy(ABC):
+    """Base class of every decoder.
+
+    Args:
+        max_new_tokens: Cap on generated tokens per response (everything after
+            the prompt: plan, tags, pads and content).
+        temperature: 0 = greedy.
+        top_p: Nucleus sampling mass (1 = off).
+        top_k: Keep the k most likely tokens (0 = off).
+        batch_size: Prompts decoded together.
+    """
+
+    name: ClassVar[str] = "base"
+
+    def __init__(
+        self,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        batch_size: int = 1,
+    ) -> None:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if top_k < 0 or batch_size < 1:
+            raise ValueError("top_k must be >= 0 and batch_size >= 1")
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.top_k = top_k
+        self.batch_size = batch_size
+
+    @abstractmethod
+    def decode_batch(
+        self, lm: LanguageModel, prompts: list[list[int]], generator: torch.Generator
+    ) -> list[RowOutput]:
+        """Decode one batch of tokenised prompts; one :class:`RowOutput` per prompt."""
+
+    def generate(
+        self,
+        lm: LanguageModel,
+        prompts: Sequence[str] | Sequence[Sequence[int]],
+        generator: torch.Generator | None = None,
+        on_batch: Callable[[list[Generation]], None] | None = None,
+    ) -> list[Generation]:
+        """Decode every prompt.
+
+        Args:
+            lm: The model.
+            prompts: Prompt texts (formatted with the chat template) or token ids.
+            generator: Source of randomness; a fresh one seeded 0 when None.
+            on_batch: Called with each batch's results as soon as it is done.
+
+        Returns:
+            One :class:`Generation` per prompt, in order.
+        """
+        if generator is None:
+            generator = torch.Generator(device="cpu").manual_seed(0)
+        texts = [p if isinstance(p, str) else lm.tokenizer.decode(list(p)) for p in prompts]
+        ids = [format_prompt(lm.tokenizer, p) if isinstance(p, str) else list(p) for p in prompts]
+        results: list[Generation] = []
+        for start in range(0, len(ids), self.batch_size):
+            batch = ids[start : start + self.batch_size]
+            lm.reset_counter()
+            t0 = time.perf_counter()
+            rows = self.decode_batch(lm, batch, generator)
+            seconds = time.perf_counter() - t0
+            done = [
+                self._finish(lm, text, row, lm.forward_passes, seconds)
+                for text, row in zip(texts[start : start + len(batch)], rows, strict=True)
+            ]
+            if on_batch is not None:
+                on_batch(done)
+            results.extend(done)
+        return results
+
+    def _finish(self, lm: LanguageModel, prompt: str, row: RowOutput, passes: int, seconds: float) -> Generation:
+        spec = lm.spec
+        pad, mask = spec.id("pad"), spec.id("mask")
+        control = {spec.id(n) for n in ("plan_open", "plan_close", "span_open", "span_close", "sync", "end")}
+        counters = Counters(
+            forward_passes=passes,
+            critical_path=row.critical_path,
+            content_tokens=sum(t not in control and t not in (pad, mask) for t in row.token_ids),
+            control_tokens=sum(t in control for t in row.token_ids),
+            pad_tokens=sum(t == pad for t in row.token_ids),
+            seconds=seconds,
+        )
+        text = lm.tokenizer.decode(row.answer_ids, skip_special_tokens=True).strip()
+        return Generation(
+            prompt=prompt,
+            text=text,
+            token_ids=row.token_ids,
+            counters=counters,
+            plan=row.plan,
+            spans=row.spans,
+            repairs=row.repairs,
+        )

@@ -1,0 +1,153 @@
+"""What every decoder talks to: a backbone with its tokenizer, tag spec and
+logits convention, counting forward passes. Pure torch: no Lightning.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from pdlightning.model.backbone import LogitsConvention
+from pdlightning.tags import TagSpec
+from pdlightning.tokenizer import load_spec, save_spec
+
+META_FILE = "pdlightning.json"
+
+
+@dataclass
+class ForwardOutput:
+    """Logits ``[B, T, V]`` of the positions fed, and the updated KV cache."""
+
+    logits: torch.Tensor
+    past_key_values: Any = None
+
+
+class LanguageModel:
+    """A backbone ready for decoding.
+
+    Args:
+        backbone: A transformers causal LM accepting a 4D bool attention mask.
+        tokenizer: Its tokenizer, control tokens added.
+        spec: Tag spec with token ids.
+        logits: ``"shifted"``: token ``i`` is scored by the logits at ``i - 1``
+            (AR-initialised backbones); ``"aligned"``: at ``i`` itself.
+
+    Attributes:
+        forward_passes: Forward passes since the last :meth:`reset_counter`.
+    """
+
+    def __init__(
+        self,
+        backbone: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        spec: TagSpec,
+        logits: LogitsConvention = "shifted",
+    ) -> None:
+        if logits not in ("shifted", "aligned"):
+            raise ValueError(f"logits convention must be 'shifted' or 'aligned', got {logits!r}")
+        self.backbone = backbone.eval()
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.logits_convention = logits
+        self.forward_passes = 0
+
+    @property
+    def shift(self) -> int:
+        """How many positions before a token its logits stand (1 shifted, 0 aligned)."""
+        return 1 if self.logits_convention == "shifted" else 0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    def reset_counter(self) -> None:
+        self.forward_passes = 0
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+    ) -> ForwardOutput:
+        """One forward pass (counted).
+
+        Args:
+            input_ids: ``[B, T]`` new tokens.
+            attention_mask: ``[B, 1, T, P + T]`` bool, ``True`` = attend, over
+                the cached ``P`` positions and the new ones.
+            position_ids: ``[B, T]``.
+            past_key_values: A transformers cache holding ``P`` positions, or None.
+            use_cache: Return the cache extended with the new positions.
+        """
+        self.forward_passes += 1
+        out = self.backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+        return ForwardOutput(logits=out.logits.float(), past_key_values=out.past_key_values if use_cache else None)
+
+    def new_cache(self) -> Any:
+        """An empty KV cache for this backbone."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.backbone.config)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write a HF directory: safetensors, config, tokenizer, tag spec, convention."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+        save_spec(self.spec, directory)
+        (directory / META_FILE).write_text(json.dumps({"logits": self.logits_convention}, indent=2))
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        trust_remote_code: bool = False,
+        logits: LogitsConvention | None = None,
+    ) -> LanguageModel:
+        """Load a directory written by :meth:`save_pretrained` (or ``pdlightning export``).
+
+        A plain HF checkpoint without ``tag_spec.json`` gets the ``paper``
+        control tokens added; pass ``logits`` to override the convention.
+        """
+        from pdlightning.tokenizer import add_control_tokens
+
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"checkpoint directory {str(directory)!r} does not exist")
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+        try:
+            spec = load_spec(directory)
+        except FileNotFoundError:
+            spec = add_control_tokens(tokenizer, TagSpec())
+        backbone = AutoModelForCausalLM.from_pretrained(
+            directory, use_safetensors=True, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+        if backbone.get_input_embeddings().num_embeddings < len(tokenizer):
+            backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        meta_path = directory / META_FILE
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        convention = logits or meta.get("logits", "shifted")
+        return cls(backbone.to(device), tokenizer, spec, logits=convention)

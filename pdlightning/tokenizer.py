@@ -1,0 +1,127 @@
+"""Tokenizer integration: control tags as single special tokens, and a small
+tokenizer trained locally with ``tokenizers`` (nothing downloads).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from pdlightning.tags import CONTROL_NAMES, TagSpec
+
+#: Chat template of the tokenizers built here: role tokens, no system prompt needed.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+SPEC_FILE = "tag_spec.json"
+
+
+def add_control_tokens(tokenizer: PreTrainedTokenizerBase, spec: TagSpec) -> TagSpec:
+    """Add every control string of ``spec`` as one special token; record the ids.
+
+    The end tag is the tokenizer's EOS when it has one (its ``<eos/>`` text form
+    is only used in text); otherwise ``spec.end`` becomes the EOS. ``spec.pad``
+    becomes the pad token if the tokenizer has none, ``spec.mask`` the mask token.
+
+    Args:
+        tokenizer: Any HF (fast) tokenizer; modified in place.
+        spec: Tag strings.
+
+    Returns:
+        ``spec`` with ``ids`` filled in. Resize the model's embeddings to
+        ``len(tokenizer)`` afterwards.
+    """
+    wanted = [spec.strings()[n] for n in CONTROL_NAMES if n != "end"]
+    if tokenizer.eos_token is None:
+        tokenizer.eos_token = spec.end
+        wanted.append(spec.end)
+    have = set(tokenizer.get_vocab())
+    new = [s for s in wanted if s not in have or s not in tokenizer.all_special_tokens]
+    if new:
+        tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = spec.pad
+    tokenizer.mask_token = spec.mask
+    ids: dict[str, int] = {}
+    for name in CONTROL_NAMES:
+        text = tokenizer.eos_token if name == "end" else getattr(spec, name)
+        encoded = tokenizer.encode(text, add_special_tokens=False)
+        if len(encoded) != 1:
+            raise ValueError(f"control string {text!r} does not encode to one token: {encoded}")
+        ids[name] = encoded[0]
+    return spec.with_ids(ids)
+
+
+def build_tokenizer(
+    texts: Iterable[str], spec: TagSpec, vocab_size: int = 4096, min_frequency: int = 2
+) -> tuple[PreTrainedTokenizerFast, TagSpec]:
+    """Train a byte-level BPE tokenizer on local text (digits split one by one).
+
+    Args:
+        texts: Training text (prompts and responses).
+        spec: Tag strings; they become special tokens.
+        vocab_size: Target vocabulary size.
+        min_frequency: Minimum count of a merge.
+
+    Returns:
+        The HF fast tokenizer (with a chat template) and ``spec`` with token ids.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    core.decoder = decoders.ByteLevel()
+    specials = [spec.end, spec.pad, spec.mask, *ROLE_TOKENS]
+    specials += [getattr(spec, n) for n in CONTROL_NAMES if getattr(spec, n) not in specials]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token=spec.end,
+        pad_token=spec.pad,
+        mask_token=spec.mask,
+        additional_special_tokens=[*ROLE_TOKENS],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer, add_control_tokens(tokenizer, spec)
+
+
+def save_spec(spec: TagSpec, directory: str | Path) -> Path:
+    """Write the spec (strings, units, ids) beside a tokenizer as ``tag_spec.json``."""
+    path = Path(directory) / SPEC_FILE
+    fields = {n: getattr(spec, n) for n in (*CONTROL_NAMES, "length_unit", "max_topic_words")}
+    path.write_text(json.dumps({**fields, "ids": dict(spec.ids)}, indent=2, sort_keys=True))
+    return path
+
+
+def load_spec(directory: str | Path) -> TagSpec:
+    """Read ``tag_spec.json`` written by :func:`save_spec`."""
+    data = json.loads((Path(directory) / SPEC_FILE).read_text())
+    ids = data.pop("ids", {})
+    spec = TagSpec(**data)
+    return spec.with_ids(ids) if ids else spec
+
+
+def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """Token ids of a user prompt, through the chat template when there is one."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return tokenizer.encode(prompt + "\n", add_special_tokens=False)
