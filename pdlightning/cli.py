@@ -1,13 +1,116 @@
-"""The ``pdlightning`` command (placeholder until the subcommands land)."""
+"""The ``pdlightning`` command.
+
+``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI subcommands
+(``--config configs/<name>.yaml`` and any ``--model.*`` / ``--data.*`` /
+``--trainer.*`` override). The others are small argparse programs.
+"""
 
 from __future__ import annotations
 
+import importlib
 import sys
+from collections.abc import Callable
+
+from lightning.pytorch.cli import LightningCLI
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+#: subcommand -> (module, function, one-line help)
+OTHER_SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
+    "export": ("pdlightning.cli", "export_main", "write a trained checkpoint as a HF directory"),
+    "generate": ("pdlightning.generate", "main", "decode prompts with any decoding strategy"),
+    "annotate": ("pdlightning.data.annotate", "main", "tag plain responses (heuristic or LLM annotator)"),
+    "bench": ("pdlightning.eval.bench", "main", "train and compare decoders on quality, latency, critical path"),
+    "evaluate": ("pdlightning.eval.alpaca_cli", "main", "AlpacaEval outputs and length-controlled win rate"),
+    "demo": ("pdlightning.eval.demo", "main", "the quick start: train the tiny PD and AR models, compare them"),
+}
+
+
+class PDLightningCLI(LightningCLI):
+    """LightningCLI with the tokenizer and tag spec linked from data to model."""
+
+    def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
+        parser.link_arguments("data.tokenizer", "model.tokenizer", apply_on="instantiate")
+        parser.link_arguments("data.spec", "model.spec", apply_on="instantiate")
+
+
+def build_cli(args: list[str], run: bool = True) -> PDLightningCLI:
+    """Instantiate the Lightning CLI (``run=False``: parse and build, do not run)."""
+    from pdlightning.data.datamodule import PlannedDataModule
+    from pdlightning.model.module import PlannedDiffusionModule
+
+    return PDLightningCLI(
+        PlannedDiffusionModule,
+        PlannedDataModule,
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+class _Parsed(Exception):
+    def __init__(self, config: object) -> None:
+        self.config = config
+
+
+def parse_config(args: list[str]) -> object:
+    """Parse and validate a training command line (e.g. ``["--config", path]``) without building anything."""
+
+    class ParseOnly(PDLightningCLI):
+        def before_instantiate_classes(self) -> None:
+            raise _Parsed(self.config)
+
+    from pdlightning.data.datamodule import PlannedDataModule
+    from pdlightning.model.module import PlannedDiffusionModule
+
+    try:
+        ParseOnly(PlannedDiffusionModule, PlannedDataModule, args=args, run=False)
+    except _Parsed as done:
+        return done.config
+    raise AssertionError("unreachable")
+
+
+def export_main(argv: list[str]) -> int:
+    """``pdlightning export --config CFG --ckpt_path CKPT --output DIR``."""
+    import argparse
+
+    import torch
+
+    p = argparse.ArgumentParser(prog="pdlightning export", description=OTHER_SUBCOMMANDS["export"][2])
+    p.add_argument("--config", required=True, action="append", help="the YAML the model was trained with")
+    p.add_argument("--ckpt_path", required=True, help="a Lightning checkpoint (.ckpt)")
+    p.add_argument("--output", required=True, help="directory to write")
+    a = p.parse_args(argv)
+    args = [x for c in a.config for x in ("--config", c)]
+    cli = build_cli(args, run=False)
+    state = torch.load(a.ckpt_path, map_location="cpu", weights_only=True)
+    cli.model.load_state_dict(state["state_dict"])
+    out = cli.model.export(a.output)
+    print(f"exported {a.ckpt_path} to {out}")
+    return 0
+
+
+def _usage() -> str:
+    lines = ["usage: pdlightning <subcommand> [options]", "", "subcommands:"]
+    lines += [f"  {name:<9} LightningCLI {name} (--config configs/<name>.yaml)" for name in LIGHTNING_SUBCOMMANDS]
+    lines += [f"  {name:<9} {info[2]}" for name, info in OTHER_SUBCOMMANDS.items()]
+    lines += ["", "pdlightning <subcommand> --help shows the options of one subcommand."]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    print("usage: pdlightning {fit,validate,test,predict,export,generate,annotate,bench,evaluate,demo} ...")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] in OTHER_SUBCOMMANDS:
+        module, func, _ = OTHER_SUBCOMMANDS[argv[0]]
+        fn: Callable[[list[str]], int] = getattr(importlib.import_module(module), func)
+        return int(fn(argv[1:]) or 0)
+    if argv[0] not in LIGHTNING_SUBCOMMANDS:
+        print(f"pdlightning: unknown subcommand {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    build_cli(argv)
     return 0
 
 

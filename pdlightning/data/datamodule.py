@@ -1,0 +1,298 @@
+"""The LightningDataModule: load, tokenise, validate, pad stochastically,
+group by length and collate for the objective of the current training stage.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pdlightning.data.collate import MODES, Batch, Mode, add_stochastic_pads, collate, example_rng
+from pdlightning.data.preprocess import LayoutOptions, preprocess_row
+from pdlightning.data.sources import load_rows
+from pdlightning.tags import TagSpec
+from pdlightning.tokenizer import add_control_tokens, build_tokenizer, load_spec, save_spec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stage:
+    """One training stage: the objective's layout and how many epochs it lasts.
+
+    ``epochs=None`` means until the end of training.
+    """
+
+    mode: Mode = "planned"
+    epochs: int | None = None
+
+
+class ExampleDataset(Dataset):
+    """Tokenised examples laid out for one mode; pads redrawn for every epoch."""
+
+    def __init__(
+        self, rows: Any, spec: TagSpec, mode: Mode, max_pads: int, seed: int, epoch: int = 0
+    ) -> None:
+        self.prompts: list[list[int]] = rows["prompt_ids"]
+        self.responses: list[list[int]] = rows["planned_ids" if mode == "planned" else "plain_ids"]
+        self.spec, self.mode, self.max_pads, self.seed, self.epoch = spec, mode, max_pads, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i: int) -> tuple[list[int], list[int]]:
+        response = self.responses[i]
+        if self.mode == "planned":
+            response = add_stochastic_pads(response, self.spec, example_rng(self.seed, self.epoch, i), self.max_pads)
+        return self.prompts[i], response
+
+    def length(self, i: int) -> int:
+        """Length before padding (for grouping)."""
+        return len(self.prompts[i]) + len(self.responses[i])
+
+
+class LengthGroupedSampler(Sampler[list[int]]):
+    """Batches of similar length: shuffle, sort within chunks of 50 batches, shuffle batches.
+
+    Under data parallelism the sampler forms *global* batches of
+    ``batch_size * world_size`` and yields this rank's slice of each, so the
+    ranks together see exactly the batches one process would.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.lengths, self.batch_size, self.shuffle = list(lengths), batch_size, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.epoch = seed, epoch
+
+    def _global_batches(self) -> list[list[int]]:
+        rng = random.Random(f"group:{self.seed}:{self.epoch}")
+        size = self.batch_size * self.world_size
+        order = list(range(len(self.lengths)))
+        if self.shuffle:
+            rng.shuffle(order)
+        chunk = size * 50
+        batches: list[list[int]] = []
+        for start in range(0, len(order), chunk):
+            part = sorted(order[start : start + chunk], key=lambda i: self.lengths[i])
+            batches += [part[k : k + size] for k in range(0, len(part), size)]
+        if self.shuffle:
+            rng.shuffle(batches)
+        if self.world_size > 1:  # every rank needs a full slice: drop short global batches
+            batches = [b for b in batches if len(b) == size]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        lo = self.rank * self.batch_size
+        return iter([b[lo : lo + self.batch_size] for b in self._global_batches()])
+
+    def __len__(self) -> int:
+        return len(self._global_batches())
+
+
+class PlannedDataModule(L.LightningDataModule):
+    """Data for planned diffusion and its baselines.
+
+    Args:
+        source: ``bundled`` (generated verifiable set), a local JSON/JSONL/Parquet
+            file or folder, or a ``datasets`` hub name (e.g. ``Open-Orca/SlimOrca``).
+        tokenizer_path: Local tokenizer directory (a pretrained backbone's); None
+            trains one on the training split (bundled set) and caches it.
+        vocab_size: Size of a tokenizer trained here.
+        tag_preset: ``paper`` or ``official`` control strings.
+        length_unit: Tokens per planned length unit.
+        cache_dir: Generated files, tokenizer and ``datasets`` cache.
+        bundled_sizes: Split sizes of the bundled set.
+        seed: Seed of generation, padding and batching.
+        stages: Training stages in order, e.g. an ``autoregressive`` warm-up then ``planned``.
+        dense: Dense hybrid attention (PD-DA).
+        topic_heads: Spans open with their topic words.
+        keep_sync: False = the no-``<sync/>`` ablation.
+        keep_topics: False = the no-topic ablation.
+        max_pads: Most stochastic pads per span (0 disables padding).
+        max_length: Longest prompt + response.
+        overflow: ``drop`` or ``cut`` over-long rows (cut at a round boundary).
+        batch_size: Examples per batch.
+        length_grouped: Group training batches by length.
+        num_workers: DataLoader workers.
+        validation_fraction: Held-out fraction for sources with one split.
+        limit_train: Use only the first N training rows (smoke runs).
+    """
+
+    def __init__(
+        self,
+        source: str = "bundled",
+        tokenizer_path: str | None = None,
+        vocab_size: int = 2048,
+        tag_preset: str = "paper",
+        length_unit: int = 10,
+        cache_dir: str = ".cache/pdlightning",
+        bundled_sizes: dict[str, int] | None = None,
+        seed: int = 0,
+        stages: list[Stage] | None = None,
+        dense: bool = False,
+        topic_heads: bool = True,
+        keep_sync: bool = True,
+        keep_topics: bool = True,
+        max_pads: int = 10,
+        max_length: int = 1024,
+        overflow: str = "drop",
+        batch_size: int = 16,
+        length_grouped: bool = True,
+        num_workers: int = 0,
+        validation_fraction: float = 0.02,
+        limit_train: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.stages = list(stages) if stages else [Stage("planned", None)]
+        for st in self.stages:
+            if st.mode not in MODES:
+                raise ValueError(f"stage mode {st.mode!r} is not one of {MODES}")
+        if overflow not in ("drop", "cut"):
+            raise ValueError(f"overflow must be 'drop' or 'cut', got {overflow!r}")
+        self.source, self.cache_dir, self.seed = source, cache_dir, seed
+        self.bundled_sizes = bundled_sizes
+        self.dense, self.batch_size, self.length_grouped = dense, batch_size, length_grouped
+        self.num_workers, self.validation_fraction, self.limit_train = num_workers, validation_fraction, limit_train
+        self.options = LayoutOptions(
+            topic_heads=topic_heads, keep_sync=keep_sync, keep_topics=keep_topics,
+            max_pads=max_pads, max_length=max_length, overflow=overflow,
+        )
+        base_spec = TagSpec.preset(tag_preset, length_unit=length_unit)
+        self.tokenizer, self.spec = self._tokenizer(tokenizer_path, base_spec, vocab_size)
+        self.splits: dict[str, Any] = {}
+        self.discarded: dict[str, Counter[str]] = {}
+
+    # ------------------------------------------------------------------ set-up
+
+    def _tokenizer(self, path: str | None, spec: TagSpec, vocab_size: int) -> tuple[Any, TagSpec]:
+        if path is not None:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(path)
+            return tok, add_control_tokens(tok, spec)
+        if self.source != "bundled":
+            raise ValueError("a tokenizer path is required for sources other than 'bundled'")
+        from transformers import PreTrainedTokenizerFast
+
+        directory = Path(self.cache_dir) / f"tokenizer-{spec.plan_open}-{vocab_size}-seed{self.seed}".replace("<", "").replace(">", "").replace("/", "")
+        if (directory / "tokenizer.json").exists():
+            return PreTrainedTokenizerFast.from_pretrained(directory), load_spec(directory)
+        rows = load_rows("bundled", self.cache_dir, self.bundled_sizes, self.seed, spec=spec)["train"]
+        texts = (f"{r['prompt']}\n{r['response']}" for r in rows)
+        tok, spec = build_tokenizer(texts, spec, vocab_size=vocab_size)
+        directory.mkdir(parents=True, exist_ok=True)
+        tok.save_pretrained(directory)
+        save_spec(spec, directory)
+        return tok, spec
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def prepare_data(self) -> None:
+        load_rows(self.source, self.cache_dir, self.bundled_sizes, self.seed, self.validation_fraction, self.spec)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        raw = load_rows(self.source, self.cache_dir, self.bundled_sizes, self.seed, self.validation_fraction, self.spec)
+        fn = functools.partial(preprocess_row, tokenizer=self.tokenizer, spec=self.spec, options=self.options)
+        for name, ds in raw.items():
+            if name == "train" and self.limit_train:
+                ds = ds.select(range(min(self.limit_train, len(ds))))
+            done = ds.map(fn, desc=f"tokenising {name}")
+            reasons = Counter(e for e in done["error"] if e is not None)
+            self.discarded[name] = reasons
+            if reasons:
+                log.warning("%s: discarded %d of %d rows: %s", name, sum(reasons.values()), len(done), dict(reasons))
+            self.splits[name] = done.filter(lambda e: e is None, input_columns="error")
+
+    # ------------------------------------------------------------------ loaders
+
+    def stage_at(self, epoch: int) -> Stage:
+        """The stage that trains epoch ``epoch`` (0-based)."""
+        start = 0
+        for st in self.stages:
+            if st.epochs is None or epoch < start + st.epochs:
+                return st
+            start += st.epochs
+        return self.stages[-1]
+
+    def stage_starts(self) -> list[int]:
+        """First epoch of every stage."""
+        starts, start = [], 0
+        for st in self.stages:
+            starts.append(start)
+            start += st.epochs or 0
+        return starts
+
+    def _current_epoch(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.current_epoch) if trainer is not None else 0
+
+    def dataset(self, split: str, mode: Mode, epoch: int = 0) -> ExampleDataset:
+        self.setup()
+        if split not in self.splits:
+            raise KeyError(f"no {split!r} split in {self.source!r}; have {sorted(self.splits)}")
+        return ExampleDataset(self.splits[split], self.spec, mode, self.options.max_pads, self.seed, epoch)
+
+    def collate_fn(self, mode: Mode) -> Any:
+        def fn(items: list[tuple[list[int], list[int]]]) -> Batch:
+            prompts, responses = zip(*items, strict=True)
+            return collate(prompts, responses, self.spec, mode=mode, dense=self.dense)
+
+        return fn
+
+    def _loader(self, split: str, mode: Mode, epoch: int, train: bool) -> DataLoader:
+        ds = self.dataset(split, mode, epoch)
+        grouped = self.length_grouped or not train
+        lengths = [ds.length(i) if grouped else 0 for i in range(len(ds))]
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = LengthGroupedSampler(lengths, self.batch_size, self.seed, epoch, train, rank, world)
+        return DataLoader(ds, batch_sampler=sampler, collate_fn=self.collate_fn(mode), num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        epoch = self._current_epoch()
+        return self._loader("train", self.stage_at(epoch).mode, epoch, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", self.stage_at(self._current_epoch()).mode, 0, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        split = "test" if "test" in self.splits or not self.splits else "validation"
+        return self._loader(split, self.stages[-1].mode, 0, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def rows(self, split: str) -> Any:
+        """The processed rows of a split (prompt, response, answer keys...)."""
+        self.setup()
+        return self.splits[split]
+
+    def state_summary(self) -> dict[str, Any]:
+        return {"stages": [asdict(s) for s in self.stages], "discarded": {k: dict(v) for k, v in self.discarded.items()}}
+
+
+def batch_to_device(batch: Batch, device: torch.device) -> Batch:
+    return batch.to(device)

@@ -1,0 +1,252 @@
+"""The LightningModule: holds the backbone and the objective; decoding is
+delegated to a strategy object (``pdlightning.decoding``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+import torchmetrics
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from pdlightning.data.collate import Batch
+from pdlightning.model.backbone import AttnImplementation, LogitsConvention, build_backbone
+from pdlightning.model.objective import add_noise, objective_loss
+from pdlightning.tags import TagSpec
+
+
+@dataclass
+class BackboneConfig:
+    """Which backbone to train.
+
+    Attributes:
+        pretrained: Local checkpoint directory (safetensors); None = from ``config``.
+        config: Config fields for a model trained from scratch (``model_type`` included);
+            None = the tiny Qwen2-style default.
+        attn_implementation: ``sdpa``, ``eager``, ``flex_attention`` or ``flash_attention_2``.
+        dtype: Weights dtype (``bfloat16``...); None keeps the default.
+        trust_remote_code: Allow a checkpoint's own modelling code.
+        gradient_checkpointing: Trade compute for memory (large backbones).
+    """
+
+    pretrained: str | None = None
+    config: dict[str, Any] | None = None
+    attn_implementation: AttnImplementation = "sdpa"
+    dtype: str | None = None
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class ObjectiveConfig:
+    """Options of the training objective.
+
+    Attributes:
+        logits: ``shifted`` (token i scored at i-1) or ``aligned``.
+        t_min: Masking rate drawn from ``U(t_min, 1)``.
+        ar_loss_over_t: Also weight the AR term by 1/t (authors' code; paper: off).
+    """
+
+    logits: LogitsConvention = "shifted"
+    t_min: float = 1e-3
+    ar_loss_over_t: bool = False
+
+
+@dataclass
+class Schedule:
+    """Linear warm-up then linear decay, restarted at each training stage.
+
+    Attributes:
+        warmup_fraction: Fraction of each stage's steps spent warming up.
+        final_fraction: Learning rate at the end of a stage, as a fraction of the peak.
+        restart_per_stage: Restart warm-up and decay when the stage changes.
+    """
+
+    warmup_fraction: float = 0.05
+    final_fraction: float = 0.0
+    restart_per_stage: bool = True
+
+
+def _adamw(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0)
+
+
+class PlannedDiffusionModule(L.LightningModule):
+    """Trains a backbone with the planned-diffusion objective or a baseline's.
+
+    The objective follows each batch's ``mode`` (set by the data module's
+    current stage): ``planned``, ``autoregressive`` or ``diffusion``.
+
+    Args:
+        tokenizer: Linked from the data module (``data.tokenizer``).
+        spec: Linked from the data module (``data.spec``).
+        backbone: Which backbone.
+        objective: Objective options.
+        optimizer: Optimiser factory (AdamW by default).
+        schedule: Learning-rate schedule (ignored when ``lr_scheduler`` is given).
+        lr_scheduler: A scheduler factory replacing ``schedule``.
+        seed: Seed of the diffusion noise.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any = None,
+        spec: TagSpec | None = None,
+        backbone: BackboneConfig | None = None,
+        objective: ObjectiveConfig | None = None,
+        optimizer: OptimizerCallable = _adamw,
+        schedule: Schedule | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if tokenizer is None or spec is None:
+            raise ValueError("tokenizer and spec are required (LightningCLI links them from the data module)")
+        self.save_hyperparameters(ignore=["tokenizer", "spec", "optimizer", "lr_scheduler"])
+        self.tokenizer, self.spec = tokenizer, spec
+        self.backbone_config = backbone or BackboneConfig()
+        self.objective = objective or ObjectiveConfig()
+        self.schedule = schedule or Schedule()
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
+        self.seed = seed
+        bc = self.backbone_config
+        self.backbone = build_backbone(
+            pretrained=bc.pretrained,
+            config=bc.config,
+            vocab_size=len(tokenizer),
+            attn_implementation=bc.attn_implementation,
+            dtype=bc.dtype,
+            trust_remote_code=bc.trust_remote_code,
+            seed=seed,
+        )
+        if bc.gradient_checkpointing:
+            self.backbone.gradient_checkpointing_enable()
+        self._noise_generator: torch.Generator | None = None
+        metrics = {
+            "ar_loss": torchmetrics.SumMetric(),
+            "ar_count": torchmetrics.SumMetric(),
+            "diffusion_loss": torchmetrics.SumMetric(),
+            "masked_count": torchmetrics.SumMetric(),
+            "plan_correct": torchmetrics.SumMetric(),
+            "masked_correct": torchmetrics.SumMetric(),
+        }
+        self.val_sums = torch.nn.ModuleDict(metrics)
+        self.train_plan_accuracy = torchmetrics.MeanMetric()
+        self.train_masked_accuracy = torchmetrics.MeanMetric()
+
+    # ------------------------------------------------------------------ loss
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self._noise_generator is None or self._noise_generator.device != device:
+            rank = self.global_rank if self._trainer is not None else 0
+            self._noise_generator = torch.Generator(device=device).manual_seed(self.seed + 1000 * rank)
+        return self._noise_generator
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, T, V]`` for ids ``[B, T]`` under a 4D bool mask ``[B, 1, T, T]``."""
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def loss_terms(self, batch: Batch, generator: torch.Generator | None = None):
+        """Noise the batch as its mode requires, run the backbone, compute the loss terms."""
+        noised = None
+        ids = batch.input_ids
+        if batch.mode != "autoregressive":
+            noised = add_noise(batch, self.spec.id("mask"), self.objective.t_min, generator)
+            ids = noised.input_ids
+        logits = self(ids, batch.attention_mask)
+        return objective_loss(
+            logits, batch, noised, self.objective.logits, ar_loss_over_t=self.objective.ar_loss_over_t
+        )
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        terms = self.loss_terms(batch, self._generator(batch.input_ids.device))
+        n = len(batch)
+        self.log("train/loss", terms.loss, prog_bar=True, batch_size=n)
+        if terms.ar_count > 0:
+            self.log("train/ar_loss", terms.ar_sum / terms.ar_count, batch_size=n)
+            self.train_plan_accuracy.update(terms.ar_correct / terms.ar_count)
+            self.log("train/plan_accuracy", self.train_plan_accuracy, batch_size=n)
+        if terms.masked_count > 0:
+            self.log("train/diffusion_loss", terms.diffusion_sum / terms.masked_count, batch_size=n)
+            self.train_masked_accuracy.update(terms.masked_correct / terms.masked_count)
+            self.log("train/masked_accuracy", self.train_masked_accuracy, batch_size=n)
+        self.log("train/mode_planned", float(batch.mode == "planned"), batch_size=n)
+        return terms.loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        generator = torch.Generator(device=batch.input_ids.device).manual_seed(self.seed + batch_idx)
+        terms = self.loss_terms(batch, generator)
+        self.val_sums["ar_loss"].update(terms.ar_sum)
+        self.val_sums["ar_count"].update(terms.ar_count)
+        self.val_sums["diffusion_loss"].update(terms.diffusion_sum)
+        self.val_sums["masked_count"].update(terms.masked_count)
+        self.val_sums["plan_correct"].update(terms.ar_correct)
+        self.val_sums["masked_correct"].update(terms.masked_correct)
+        self.log("val/loss", terms.loss, prog_bar=True, batch_size=len(batch), sync_dist=True)
+        return terms.loss
+
+    def on_validation_epoch_end(self) -> None:
+        s = {k: m.compute() for k, m in self.val_sums.items()}
+        if s["ar_count"] > 0:
+            self.log("val/ar_loss", s["ar_loss"] / s["ar_count"])
+            self.log("val/plan_accuracy", s["plan_correct"] / s["ar_count"])
+        if s["masked_count"] > 0:
+            self.log("val/diffusion_loss", s["diffusion_loss"] / s["masked_count"])
+            self.log("val/masked_accuracy", s["masked_correct"] / s["masked_count"])
+        for m in self.val_sums.values():
+            m.reset()
+
+    def test_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        return self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
+
+    # ------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is not None:
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        starts = [0]
+        dm = getattr(self.trainer, "datamodule", None)
+        max_epochs = self.trainer.max_epochs or 1
+        if self.schedule.restart_per_stage and dm is not None and hasattr(dm, "stage_starts") and max_epochs > 0:
+            per_epoch = total / max_epochs
+            starts = sorted({int(round(e * per_epoch)) for e in dm.stage_starts() if e < max_epochs})
+        bounds = [*starts, total]
+        warm, final = self.schedule.warmup_fraction, self.schedule.final_fraction
+
+        def factor(step: int) -> float:
+            k = max(i for i, s in enumerate(starts) if s <= step) if step >= starts[0] else 0
+            begin, end = bounds[k], max(bounds[k + 1], bounds[k] + 1)
+            length = end - begin
+            local = step - begin
+            w = max(1, math.ceil(warm * length))
+            if local < w:
+                return (local + 1) / w
+            progress = min(1.0, (local - w) / max(1, length - w))
+            return final + (1 - final) * (1 - progress)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints and export
+
+    def language_model(self):
+        """A :class:`~pdlightning.decoding.LanguageModel` view of this module for decoding."""
+        from pdlightning.decoding.lm import LanguageModel
+
+        return LanguageModel(self.backbone, self.tokenizer, self.spec, logits=self.objective.logits)
+
+    def export(self, directory: str) -> str:
+        """Write a HF directory (safetensors, config, tokenizer, tag spec) every decoder loads."""
+        was_training = self.backbone.training
+        self.language_model().save_pretrained(directory)
+        self.backbone.train(was_training)
+        return directory

@@ -1,0 +1,146 @@
+"""The planned-diffusion training objective (paper eq. 6) and its baselines.
+
+For one example with plan tokens Z and content tokens X (everything inside
+spans, pads included; span tags and topic heads are scaffold, never targets),
+draw ``t ~ U(t_min, 1)``, mask each content token with probability ``t`` and
+minimise the mean over target tokens of::
+
+    1(y in Z) * CE_AR(y | causal prefix)  +  1(y in X and masked) * CE(y | hybrid input) / t
+
+Which logits score which token:
+
+* plan tokens (and every token of the ``autoregressive`` baseline) are scored
+  by the logits at the previous position of their stream
+  (:func:`~pdlightning.data.collate.stream_labels` puts the label there);
+* a masked content token at position ``i`` is scored by the logits at ``i - 1``
+  under the ``shifted`` convention (AR-initialised backbones: Dream, Qwen) and
+  at ``i`` under ``aligned``. It contributes exactly when its *own* input is
+  masked (not when the predicting position is masked, as the authors' code does).
+
+Pure torch: no Lightning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pdlightning.data.collate import IGNORE, Batch
+from pdlightning.masks import Role
+from pdlightning.model.backbone import LogitsConvention
+
+
+@dataclass
+class Noised:
+    """Diffusion noise of a batch: the masked input, which positions, and ``t``."""
+
+    input_ids: torch.Tensor  # [B, T]
+    masked: torch.Tensor  # [B, T] bool: content positions whose input is the mask token
+    t: torch.Tensor  # [B]
+
+
+@dataclass
+class LossTerms:
+    """Sums and counts of one batch, so metrics can aggregate exactly."""
+
+    loss: torch.Tensor
+    ar_sum: torch.Tensor
+    ar_count: torch.Tensor
+    diffusion_sum: torch.Tensor  # weighted by 1/t
+    masked_count: torch.Tensor
+    ar_correct: torch.Tensor
+    masked_correct: torch.Tensor
+
+
+def add_noise(
+    batch: Batch, mask_id: int, t_min: float = 1e-3, generator: torch.Generator | None = None
+) -> Noised:
+    """Mask every content token independently with probability ``t`` (one ``t`` per example).
+
+    Args:
+        batch: The collated batch.
+        mask_id: Token id of the mask.
+        t_min: ``t`` is drawn from ``U(t_min, 1)`` (clipped away from 0).
+        generator: Source of randomness.
+    """
+    ids = batch.input_ids
+    b = ids.shape[0]
+    t = t_min + (1 - t_min) * torch.rand(b, generator=generator, device=ids.device)
+    draw = torch.rand(ids.shape, generator=generator, device=ids.device)
+    masked = (batch.roles == Role.CONTENT) & (draw < t[:, None])
+    return Noised(input_ids=torch.where(masked, torch.full_like(ids, mask_id), ids), masked=masked, t=t)
+
+
+def diffusion_scoring(logits: torch.Tensor, convention: LogitsConvention) -> torch.Tensor:
+    """Logits that score the token at each position: ``[B, T, V]``.
+
+    ``shifted``: position ``i`` is scored by ``logits[:, i - 1]`` (position 0 gets
+    the logits of position 0, never used since position 0 is never content).
+    ``aligned``: by ``logits[:, i]``.
+    """
+    if convention == "aligned":
+        return logits
+    if convention != "shifted":
+        raise ValueError(f"unknown logits convention {convention!r}")
+    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+
+
+def objective_loss(
+    logits: torch.Tensor,
+    batch: Batch,
+    noised: Noised | None,
+    convention: LogitsConvention = "shifted",
+    ar_loss_over_t: bool = False,
+) -> LossTerms:
+    """Loss of a batch under its mode's objective.
+
+    Args:
+        logits: ``[B, T, V]`` of the (noised) input.
+        batch: The batch (``ar_labels`` hold the AR targets at their scoring positions).
+        noised: Diffusion noise (None for the ``autoregressive`` baseline).
+        convention: Which position scores a masked token.
+        ar_loss_over_t: Also divide the AR term by ``t`` (the authors' code);
+            the paper weights only the diffusion term.
+
+    Returns:
+        :class:`LossTerms`; ``loss`` = (AR CE sum + sum of masked CE / t) /
+        (AR targets + content tokens), the mean over target tokens.
+    """
+    v = logits.shape[-1]
+    zero = logits.new_zeros(())
+    ar_mask = batch.ar_labels != IGNORE
+    if ar_mask.any():
+        ar_logits = logits[ar_mask].float()
+        ar_targets = batch.ar_labels[ar_mask]
+        ar_ce = F.cross_entropy(ar_logits, ar_targets, reduction="none")
+        if ar_loss_over_t and noised is not None:
+            ar_ce = ar_ce / noised.t[:, None].expand_as(batch.ar_labels)[ar_mask]
+        ar_sum = ar_ce.sum()
+        ar_correct = (ar_logits.argmax(-1) == ar_targets).sum()
+    else:
+        ar_sum, ar_correct = zero, zero.long()
+    content = batch.roles == Role.CONTENT
+    if noised is not None and noised.masked.any():
+        scoring = diffusion_scoring(logits, convention)
+        m_logits = scoring[noised.masked].float().view(-1, v)
+        m_targets = batch.input_ids[noised.masked]
+        ce = F.cross_entropy(m_logits, m_targets, reduction="none")
+        weight = (1.0 / noised.t)[:, None].expand_as(noised.masked)[noised.masked]
+        diffusion_sum = (ce * weight).sum()
+        masked_correct = (m_logits.argmax(-1) == m_targets).sum()
+        masked_count = noised.masked.sum()
+    else:
+        diffusion_sum, masked_correct, masked_count = zero, zero.long(), zero.long()
+    n_targets = ar_mask.sum() + (content.sum() if noised is not None else 0)
+    loss = (ar_sum + diffusion_sum) / n_targets.clamp_min(1)
+    return LossTerms(
+        loss=loss,
+        ar_sum=ar_sum.detach(),
+        ar_count=ar_mask.sum(),
+        diffusion_sum=diffusion_sum.detach(),
+        masked_count=masked_count,
+        ar_correct=ar_correct,
+        masked_correct=masked_correct,
+    )

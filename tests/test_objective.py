@@ -1,0 +1,116 @@
+"""The training objective against hand-computed values (design section 5)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pdlightning.data.collate import IGNORE, collate
+from pdlightning.masks import Role
+from pdlightning.model.objective import Noised, add_noise, diffusion_scoring, objective_loss
+from pdlightning.tags import CONTROL_NAMES, TagSpec
+
+SPEC = TagSpec().with_ids({n: i for i, n in enumerate(CONTROL_NAMES)})
+PO, PC, SO, SC, SY, END, PAD, MASK = range(8)
+V = 20
+
+
+def planned_example() -> tuple[list[int], list[int]]:
+    prompt = [10, 11]
+    #           plan entry         span: open head  close content pad close   end
+    response = [PO, 12, 13, PC, SO, 12, PC, 14, 15, PAD, SC, END]
+    return prompt, response
+
+
+def logits_favouring(targets: torch.Tensor, strength: float = 0.0) -> torch.Tensor:
+    """Uniform logits, plus ``strength`` on ``targets`` ([B, T]) where target >= 0."""
+    b, t = targets.shape
+    logits = torch.zeros(b, t, V)
+    rows, cols = torch.nonzero(targets >= 0, as_tuple=True)
+    logits[rows, cols, targets[rows, cols]] = strength
+    return logits
+
+
+def test_roles_and_stream_labels_follow_the_layout():
+    prompt, response = planned_example()
+    batch = collate([prompt], [response], SPEC, "planned")
+    roles = batch.roles[0].tolist()
+    assert roles == [0, 0, 1, 1, 1, 1, 3, 3, 3, 2, 2, 2, 3, 1]
+    labels = batch.ar_labels[0].tolist()
+    # prompt's last token predicts <topic>; the plan's last </topic> predicts END after the span
+    assert labels == [IGNORE, PO, 12, 13, PC, END, *[IGNORE] * 7, IGNORE]
+
+
+def test_a_content_token_counts_exactly_when_its_own_input_is_masked():
+    prompt, response = planned_example()
+    batch = collate([prompt], [response], SPEC, "planned")
+    content = (batch.roles == Role.CONTENT).nonzero()[:, 1].tolist()
+    assert content == [9, 10, 11]  # 14, 15 and the pad (pads are trained)
+    masked = torch.zeros_like(batch.input_ids, dtype=torch.bool)
+    masked[0, 10] = True  # only token 15 at position 10
+    t = torch.tensor([0.5])
+    noised = Noised(torch.where(masked, MASK, batch.input_ids), masked, t)
+    logits = torch.zeros(1, batch.input_ids.shape[1], V)
+    # shifted: position 10 is scored by logits at 9. Make them certain of the wrong token:
+    logits[0, 9, 3] = 50.0
+    # and make logits at 10 (which would score position 11, unmasked) terrible too: must not count
+    logits[0, 10, 4] = 50.0
+    terms = objective_loss(logits, batch, noised, "shifted")
+    assert terms.masked_count == 1
+    assert terms.diffusion_sum.item() == pytest.approx(50.0 / 0.5, rel=1e-4)
+
+
+def test_hand_computed_total_with_uniform_logits():
+    prompt, response = planned_example()
+    batch = collate([prompt], [response], SPEC, "planned")
+    masked = batch.roles == Role.CONTENT
+    t = torch.tensor([0.25])
+    noised = Noised(torch.where(masked, MASK, batch.input_ids), masked, t)
+    logits = torch.zeros(1, batch.input_ids.shape[1], V)
+    terms = objective_loss(logits, batch, noised, "shifted")
+    n_ar, n_content = 5, 3
+    ce = math.log(V)
+    expected = (n_ar * ce + n_content * ce / 0.25) / (n_ar + n_content)
+    assert terms.ar_count == n_ar
+    assert terms.loss.item() == pytest.approx(expected, rel=1e-5)
+    # the authors' variant also divides the AR term by t
+    terms_t = objective_loss(logits, batch, noised, "shifted", ar_loss_over_t=True)
+    assert terms_t.loss.item() == pytest.approx((n_ar * ce / 0.25 + n_content * ce / 0.25) / 8, rel=1e-5)
+
+
+def test_aligned_convention_scores_a_token_at_its_own_position():
+    logits = torch.arange(2 * 4 * 3, dtype=torch.float).view(2, 4, 3)
+    assert torch.equal(diffusion_scoring(logits, "aligned"), logits)
+    shifted = diffusion_scoring(logits, "shifted")
+    assert torch.equal(shifted[:, 2], logits[:, 1])
+
+
+def test_noise_never_touches_plan_prompt_or_scaffold():
+    prompt, response = planned_example()
+    batch = collate([prompt] * 64, [response] * 64, SPEC, "planned")
+    noised = add_noise(batch, MASK, generator=torch.Generator().manual_seed(0))
+    assert not noised.masked[batch.roles != Role.CONTENT].any()
+    assert torch.equal(noised.input_ids[~noised.masked], batch.input_ids[~noised.masked])
+    assert (noised.input_ids[noised.masked] == MASK).all()
+    # masking rate follows t: heavily masked rows have large t
+    rate = noised.masked.sum(1).float() / 3
+    assert torch.corrcoef(torch.stack([rate, noised.t]))[0, 1] > 0.5
+
+
+def test_autoregressive_baseline_is_next_token_on_the_answer():
+    batch = collate([[10, 11]], [[12, 13, END]], SPEC, "autoregressive")
+    assert batch.ar_labels[0].tolist() == [IGNORE, 12, 13, END, IGNORE]
+    logits = logits_favouring(batch.ar_labels, 0.0)
+    terms = objective_loss(logits, batch, None)
+    assert terms.ar_count == 3 and terms.masked_count == 0
+    assert terms.loss.item() == pytest.approx(math.log(V), rel=1e-5)
+    assert batch.attention_mask[0, 0].equal(torch.ones(5, 5, dtype=torch.bool).tril())
+
+
+def test_diffusion_baseline_masks_every_answer_token_and_fills_with_end():
+    batch = collate([[10], [10]], [[12, 13, END], [12, END]], SPEC, "diffusion")
+    assert batch.input_ids[1].tolist() == [10, 12, END, END]
+    assert (batch.roles[:, 1:] == Role.CONTENT).all()
+    assert batch.attention_mask.all()  # bidirectional, no padding here

@@ -1,0 +1,135 @@
+"""Training end to end through the CLI: the smoke config lowers the loss,
+every shipped config parses, resume after a real kill, DDP on 2 CPU processes.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "pdlightning.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+def smoke_args(tmp: Path, *extra: str) -> list[str]:
+    return [
+        "fit", "--config", str(ROOT / "configs/smoke.yaml"),
+        f"--trainer.default_root_dir={tmp}", f"--trainer.logger.init_args.save_dir={tmp}",
+        f"--data.cache_dir={ROOT / '.cache/pdlightning'}", *extra,
+    ]
+
+
+def metrics(tmp: Path) -> list[dict[str, str]]:
+    files = sorted(tmp.rglob("metrics.csv"))
+    assert files, f"no metrics.csv under {tmp}"
+    with files[-1].open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT)) for p in CONFIGS])
+def test_every_shipped_training_config_parses(path: Path):
+    cfg = yaml.safe_load(path.read_text())
+    if not {"model", "data"} <= set(cfg):
+        pytest.skip("not a training config")
+    from pdlightning.cli import parse_config
+
+    parsed = parse_config(["--config", str(path)])
+    assert parsed.data.source and parsed.trainer.max_epochs
+
+
+def test_a_bad_config_value_is_refused_with_its_name(tmp_path: Path):
+    from pdlightning.cli import parse_config
+
+    with pytest.raises(SystemExit):
+        parse_config(["--config", str(ROOT / "configs/smoke.yaml"), "--data.max_pads=lots"])
+
+
+@pytest.mark.slow
+def test_smoke_config_lowers_the_loss_and_exports(tmp_path: Path):
+    out = run_cli(smoke_args(tmp_path), ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [r for r in metrics(tmp_path) if r.get("train/loss")]
+    losses = [float(r["train/loss"]) for r in rows]
+    assert len(losses) >= 4
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2
+    hf = next(tmp_path.rglob("hf"))
+    assert (hf / "model.safetensors").exists() and (hf / "tag_spec.json").exists()
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_continues_from_the_last_checkpoint(tmp_path: Path):
+    args = smoke_args(
+        tmp_path, "--trainer.max_epochs=4", "--trainer.limit_train_batches=6",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.every_n_train_steps=2", "--trainer.callbacks.save_last=true",
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pdlightning.cli", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    last = None
+    while time.time() < deadline:
+        found = sorted(tmp_path.rglob("last.ckpt"))
+        if found:
+            step = torch.load(found[0], map_location="cpu", weights_only=False)["global_step"]
+            if step >= 8:  # mid-way through epoch 2 of 4
+                last = found[0]
+                break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert last is not None, "no checkpoint appeared before the kill"
+    killed_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert killed_at < 24
+    out = run_cli([*args, "--ckpt_path=last"], ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    final = torch.load(last, map_location="cpu", weights_only=False)
+    assert final["global_step"] == 24  # 4 epochs x 6 batches, counted across the kill
+    assert final["epoch"] == 3
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path: Path):
+    common = [
+        "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=0",
+        "--trainer.use_distributed_sampler=false", "--data.length_grouped=false",
+        "--data.stages=[{mode: autoregressive, epochs: null}]",
+        "--model.optimizer.init_args.lr=0.001",
+    ]
+    single = tmp_path / "single"
+    ddp = tmp_path / "ddp"
+    a = run_cli(smoke_args(single, *common, "--data.batch_size=8",
+                           f"--trainer.callbacks.init_args.dirpath={single / 'hf'}"), ROOT)
+    assert a.returncode == 0, a.stderr[-3000:]
+    b = run_cli(smoke_args(ddp, *common, "--data.batch_size=4", "--trainer.devices=2",
+                           "--trainer.strategy=ddp", f"--trainer.callbacks.init_args.dirpath={ddp / 'hf'}"), ROOT)
+    assert b.returncode == 0, b.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    from pdlightning.model.backbone import build_backbone
+
+    wa = load_file(str(single / "hf/model.safetensors"))
+    wb = load_file(str(ddp / "hf/model.safetensors"))
+    cfg = yaml.safe_load((ROOT / "configs/smoke.yaml").read_text())["model"]["backbone"]["config"]
+    init = build_backbone(config=cfg, vocab_size=wa["model.embed_tokens.weight"].shape[0]).state_dict()
+    moved = sum((wa[k] - init[k]).norm() ** 2 for k in wa) ** 0.5
+    apart = sum((wa[k] - wb[k]).norm() ** 2 for k in wa) ** 0.5
+    assert moved > 0
+    assert apart < 0.05 * moved, f"DDP differs from one process by {apart:.3g} (training moved {moved:.3g})"
