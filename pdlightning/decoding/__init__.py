@@ -13,13 +13,17 @@ from pdlightning.decoding.base import (
     list_strategies,
     register,
 )
+from pdlightning.decoding.dense_planned import DensePlannedDiffusion
 from pdlightning.decoding.lm import LanguageModel
+from pdlightning.decoding.planned import PlannedDiffusion
 
 __all__ = [
     "Counters",
     "DecodingStrategy",
+    "DensePlannedDiffusion",
     "Generation",
     "LanguageModel",
+    "PlannedDiffusion",
     "RowOutput",
     "get_strategy",
     "list_strategies",

@@ -1,0 +1,503 @@
+"""Planned diffusion decoding (Algorithm 1 of the paper), sparse attention.
+
+Round after round, until the end token or the length cap:
+
+1. **Plan**: decode autoregressively (KV cached) until the round's terminator
+   (``<sync/>`` or EOS): plan entries ``<topic>WORDS N</topic>``.
+2. **Scaffold**: one span ``<async>[WORDS</topic>]<mask/>*L</async>`` per entry,
+   ``L = N * length_unit * length_scale``, inserted before the terminator.
+3. **Denoise** every span of every row in parallel, one forward pass per step,
+   under the hybrid mask (:mod:`pdlightning.masks`), then append the spans and
+   the terminator; after ``<sync/>`` the next plan sees the spans.
+
+Batching and caching: each row keeps its own *logical* sequence (positions
+``0..L-1`` give ``position_ids`` and the hybrid mask). The batch shares one KV
+cache whose *physical* columns grow in lockstep; a row with fewer new tokens
+leaves holes that nothing attends. ``col_pos[b, c]`` maps a column to its
+logical position (-1 = hole), so each pass's 4D mask is the logical hybrid mask
+gathered onto the columns. Denoising passes feed the uncached tail and the
+scaffold, then are cropped from the cache; the filled spans and terminator are
+cached by the next round's first planning pass. A batch thus decodes like its
+rows one by one (temperature 0).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar
+
+import torch
+
+from pdlightning.decoding.base import DecodingStrategy, RowOutput, register
+from pdlightning.decoding.lm import LanguageModel
+from pdlightning.decoding.sampling import UnmaskOrder, sample_tokens, top_probability, unmask_scores
+from pdlightning.layout import head_ids
+from pdlightning.masks import Structure, mask_from_structure, structure
+from pdlightning.tags import PlanEntry
+
+_ENTRY = re.compile(r"^\s*(?P<topic>.*?)\s*(?P<n>\d+)\s*$", re.DOTALL)
+_FORBIDDEN_IN_SPANS = ("plan_open", "plan_close", "span_open", "span_close", "sync", "end", "mask")
+_SPAN_TOKENS = ("span_open", "span_close", "pad", "mask")
+
+
+def parse_plan(ids: list[int], lm: LanguageModel) -> tuple[list[PlanEntry], list[str]]:
+    """Plan entries in the ids of one round's plan, skipping what does not parse.
+
+    Args:
+        ids: Plan ids of one round (terminator excluded).
+        lm: Supplies the tag spec and the tokenizer that decodes entry bodies.
+
+    Returns:
+        The entries (length in units, as written) and a repair note per skip.
+    """
+    spec = lm.spec
+    po, pc = spec.id("plan_open"), spec.id("plan_close")
+    entries: list[PlanEntry] = []
+    repairs: list[str] = []
+    body: list[int] | None = None
+    stray = False
+    for tok in ids:
+        if tok == po:
+            if body is not None:
+                repairs.append("unclosed plan entry skipped")
+            body = []
+        elif tok == pc and body is not None:
+            text = lm.tokenizer.decode(body)
+            m = _ENTRY.match(text)
+            if m is None:
+                repairs.append(f"unparseable plan entry {text[:30]!r} skipped")
+            else:
+                entries.append(PlanEntry(topic=m.group("topic").strip(), length=int(m.group("n"))))
+            body = None
+        elif body is not None:
+            body.append(tok)
+        else:
+            stray = True
+    if body is not None:
+        repairs.append("unclosed plan entry skipped")
+    if stray:
+        repairs.append("text outside plan entries ignored")
+    return entries, repairs
+
+
+class _State:
+    """Per-row bookkeeping of one batch (lists indexed by row) and the shared KV cache.
+
+    Attributes:
+        n_cached: ``[B]`` logical positions held by the cache (a prefix of ``seq``).
+        col_pos: ``[B, C]`` logical position of each cache column, -1 = hole.
+        critical: ``[B]`` plan tokens decoded + denoising steps.
+    """
+
+    def __init__(self, prompts: list[list[int]], cache: Any, device: torch.device) -> None:
+        b = len(prompts)
+        self.seq = [list(p) for p in prompts]
+        self.prompt_len = [len(p) for p in prompts]
+        self.cache = cache
+        self.n_cached = torch.zeros(b, dtype=torch.long, device=device)
+        self.col_pos = torch.zeros(b, 0, dtype=torch.long, device=device)
+        self.critical = torch.zeros(b, dtype=torch.long, device=device)
+        self.done, self.rounds = [False] * b, [0] * b
+        self.plan_start, self.terminator = [0] * b, [0] * b
+        self.repairs: list[list[str]] = [[] for _ in range(b)]
+        self.entries: list[list[PlanEntry]] = [[] for _ in range(b)]
+        self.spans: list[list[str]] = [[] for _ in range(b)]
+        self.answer: list[list[int]] = [[] for _ in range(b)]
+
+    def generated(self, b: int) -> int:
+        return len(self.seq[b]) - self.prompt_len[b]
+
+
+@register("planned")
+class PlannedDiffusion(DecodingStrategy):
+    """Planned diffusion: autoregressive plan, then parallel diffusion of the spans.
+
+    Each denoising step is one pass over the spans of every unfinished row;
+    a span commits ``ceil(masks left / steps left)`` positions (at least its
+    top-1), so it is complete within ``ceil(r * longest span)`` steps (more
+    when ``threshold`` holds unsure positions back). An
+    imperfect plan is repaired, never fatal (``RowOutput.repairs``): bad
+    entries are skipped, lengths clamped, and a plan closed by force (runaway,
+    span token while planning, length cap) ends the response after its spans.
+
+    Args:
+        step_ratio: ``r``: a round denoises in ``ceil(r * longest span)`` steps.
+        threshold: ``tau``: of its quota, a span holds back the positions whose
+            sampled token has probability below ``tau`` (its top-1 always
+            commits, so every span finishes; more steps, higher quality);
+            None or 0 = off.
+        length_scale: Multiplies every planned length.
+        topic_heads: Open each span with its topic words and ``</topic>``
+            (models trained here: True; the authors' checkpoints: False).
+        sync: Allow several rounds; False ends after the first round (a
+            generated ``<sync/>`` is replaced by EOS).
+        order: Which masked positions commit first: ``entropy`` (lowest),
+            ``confidence`` (highest) or ``random``.
+        max_plan_tokens: Plan tokens per round before the round is closed.
+        max_spans: Plan entries kept per round.
+        max_span_tokens: Upper bound of one span's length in tokens.
+        max_rounds: Rounds per response; a later ``<sync/>`` becomes EOS.
+        use_cache: Reuse keys and values of the prompt, plans and filled spans
+            (False recomputes everything each pass: same output, slower).
+        max_new_tokens: Cap on everything generated after the prompt.
+        temperature: 0 = greedy (plan and spans).
+        top_p: Nucleus mass.
+        top_k: Top-k cut (0 = off).
+        batch_size: Prompts decoded together.
+    """
+
+    #: Spans of one round attend to each other (the dense variant).
+    dense: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        step_ratio: float = 1.0,
+        threshold: float | None = None,
+        length_scale: float = 1.0,
+        topic_heads: bool = True,
+        sync: bool = True,
+        order: UnmaskOrder = "entropy",
+        max_plan_tokens: int = 64,
+        max_spans: int = 16,
+        max_span_tokens: int = 256,
+        max_rounds: int = 8,
+        use_cache: bool = True,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        batch_size: int = 1,
+    ) -> None:
+        super().__init__(max_new_tokens, temperature, top_p, top_k, batch_size)
+        if step_ratio <= 0 or length_scale <= 0:
+            raise ValueError("step_ratio and length_scale must be > 0")
+        if threshold is not None and not 0 <= threshold <= 1:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        if order not in ("entropy", "confidence", "random"):
+            raise ValueError(f"unknown unmasking order {order!r}")
+        if min(max_plan_tokens, max_spans, max_span_tokens, max_rounds) < 1:
+            raise ValueError(
+                "max_plan_tokens, max_spans, max_span_tokens and max_rounds must be >= 1"
+            )
+        self.step_ratio = step_ratio
+        self.threshold = threshold or None
+        self.length_scale = length_scale
+        self.topic_heads = topic_heads
+        self.sync = sync
+        self.order = order
+        self.max_plan_tokens = max_plan_tokens
+        self.max_spans = max_spans
+        self.max_span_tokens = max_span_tokens
+        self.max_rounds = max_rounds
+        self.use_cache = use_cache
+
+    # ------------------------------------------------------------------ driver
+
+    def decode_batch(
+        self, lm: LanguageModel, prompts: list[list[int]], generator: torch.Generator
+    ) -> list[RowOutput]:
+        """Decode one batch of tokenised prompts; one :class:`RowOutput` per prompt."""
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("planned diffusion needs a non-empty prompt")
+        with torch.inference_mode():
+            return self._decode(lm, prompts, generator)
+
+    def _decode(
+        self, lm: LanguageModel, prompts: list[list[int]], generator: torch.Generator
+    ) -> list[RowOutput]:
+        st = _State(prompts, lm.new_cache() if self.use_cache else None, lm.device)
+        while not all(st.done):
+            self._plan_round(lm, st, generator)
+            self._denoise_round(
+                lm, st, [self._scaffold_plan(lm, st, i) for i in range(len(prompts))], generator
+            )
+        return [
+            RowOutput(
+                token_ids=st.seq[i][st.prompt_len[i] :],
+                answer_ids=st.answer[i],
+                critical_path=int(st.critical[i]),
+                plan=st.entries[i],
+                spans=st.spans[i],
+                repairs=st.repairs[i],
+            )
+            for i in range(len(prompts))
+        ]
+
+    # ------------------------------------------------------------------ forward
+
+    def _forward(
+        self,
+        lm: LanguageModel,
+        st: _State,
+        x: torch.Tensor,
+        lengths: torch.Tensor,
+        active: torch.Tensor,
+        keep: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass over the uncached tail ``x[b, n_cached[b]:lengths[b]]`` of every active row.
+
+        Args:
+            lm: The model.
+            st: Batch state (cache, ``n_cached``, ``col_pos``).
+            x: Logical ids ``[B, L]``, right padded.
+            lengths: Valid length of each row ``[B]``.
+            active: Rows fed ``[B]`` bool; the others are all holes.
+            keep: Keep the fed positions in the cache (else crop them again).
+
+        Returns:
+            Logits ``[B, K, V]`` (index ``i`` = logical position ``n_cached + i``)
+            and the number of positions fed per row ``[B]``.
+        """
+        n = st.n_cached
+        lens = torch.where(active, lengths - n, torch.zeros_like(n))
+        k = int(lens.max())
+        ar = torch.arange(k, device=x.device)
+        valid = ar < lens[:, None]
+        pos = n[:, None] + ar
+        ids = torch.where(valid, x.gather(1, pos.clamp(max=x.shape[1] - 1)), lm.spec.id("pad"))
+        logical = structure(x, lm.spec, lengths)
+        cols = torch.cat([st.col_pos, torch.where(valid, pos, -1)], dim=1)
+        safe = cols.clamp(min=0)
+        physical = Structure(
+            span=logical.span.gather(1, safe),
+            syncs=logical.syncs.gather(1, safe),
+            scaffold=logical.scaffold.gather(1, safe),
+            valid=cols >= 0,
+        )
+        mask = mask_from_structure(physical, dense=self.dense, rows_from=st.col_pos.shape[1])
+        out = lm.forward(
+            ids,
+            mask,
+            torch.where(valid, pos, 0),
+            past_key_values=st.cache,
+            use_cache=st.cache is not None,
+        )
+        if st.cache is not None:
+            if keep:
+                st.col_pos, st.n_cached = cols, n + lens
+            else:
+                st.cache.crop(-k)
+        logits = out.logits
+        if logits.shape[-1] > len(lm.tokenizer):  # padded embedding rows are not tokens
+            logits = logits.clone()
+            logits[..., len(lm.tokenizer) :] = float("-inf")
+        return logits, lens
+
+    @staticmethod
+    def _pack(
+        lm: LanguageModel, rows: list[list[int]] | list[list[bool]], fill: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ``[B, L]`` long tensor of lists (padding = ``fill``) and the lengths ``[B]``."""
+        lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+        x = torch.full((len(rows), int(lengths.max())), fill, dtype=torch.long)
+        for i, r in enumerate(rows):
+            x[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        return x.to(lm.device), lengths.to(lm.device)
+
+    # ------------------------------------------------------------------ planning
+
+    def _plan_round(self, lm: LanguageModel, st: _State, generator: torch.Generator) -> None:
+        """Decode this round's plan of every unfinished row (step 1).
+
+        The plan stream is next-token under either logits convention."""
+        planning: set[int] = set()
+        for b in range(len(st.seq)):
+            if st.done[b]:
+                continue
+            if st.generated(b) >= self.max_new_tokens - 1:
+                st.repairs[b].append("length cap reached before planning")
+                st.done[b] = True
+                continue
+            st.plan_start[b] = len(st.seq[b])
+            planning.add(b)
+        while planning:
+            rows = sorted(planning)
+            active = torch.zeros(len(st.seq), dtype=torch.bool, device=lm.device)
+            active[rows] = True
+            x, lengths = self._pack(lm, st.seq, lm.spec.id("pad"))
+            logits, lens = self._forward(lm, st, x, lengths, active, keep=True)
+            idx = torch.tensor(rows, device=lm.device)
+            toks, _ = sample_tokens(
+                logits[idx, lens[idx] - 1], generator, self.temperature, self.top_p, self.top_k
+            )
+            st.critical[idx] += 1
+            for b, tok in zip(rows, toks.tolist(), strict=True):
+                if self._plan_token(lm, st, b, tok):
+                    planning.discard(b)
+
+    def _plan_token(self, lm: LanguageModel, st: _State, b: int, tok: int) -> bool:
+        """Take one planned token of row ``b``; True when the row's plan of this round is over."""
+        spec = lm.spec
+        sync, end = spec.id("sync"), spec.id("end")
+        if tok in (sync, end):
+            st.terminator[b] = tok
+            if tok == sync and not self.sync:
+                st.terminator[b] = end
+            elif tok == sync and st.rounds[b] + 1 >= self.max_rounds:
+                st.terminator[b] = end
+                st.repairs[b].append(f"max_rounds {self.max_rounds} reached: ended")
+            return True
+        names = {spec.id(n): n for n in _SPAN_TOKENS}
+        if tok in names:
+            st.terminator[b] = end
+            st.repairs[b].append(f"{names[tok]} token while planning: plan closed")
+            return True
+        st.seq[b].append(tok)
+        if st.generated(b) >= self.max_new_tokens - 1:
+            st.terminator[b] = end
+            st.repairs[b].append("length cap while planning: plan closed")
+            return True
+        if len(st.seq[b]) - st.plan_start[b] >= self.max_plan_tokens:
+            st.terminator[b] = end
+            st.repairs[b].append(f"runaway plan: closed after {self.max_plan_tokens} tokens")
+            return True
+        return False
+
+    def _scaffold_plan(self, lm: LanguageModel, st: _State, b: int) -> list[tuple[str, int]]:
+        """Topic and length in tokens of each span of row ``b``'s round (step 2), repairs recorded."""
+        if st.done[b]:
+            return []
+        entries, notes = parse_plan(st.seq[b][st.plan_start[b] :], lm)
+        st.repairs[b].extend(notes)
+        if len(entries) > self.max_spans:
+            st.repairs[b].append(f"{len(entries)} plan entries: kept {self.max_spans}")
+            entries = entries[: self.max_spans]
+        spans: list[tuple[str, int]] = []
+        room = self.max_new_tokens - st.generated(b) - 1  # the terminator always fits
+        for e in entries:
+            n = round(e.length * lm.spec.length_unit * self.length_scale)
+            if n < 1:
+                st.repairs[b].append(f"length {e.length} raised to 1 token")
+            elif n > self.max_span_tokens:
+                st.repairs[b].append(f"length {e.length} clamped to {self.max_span_tokens} tokens")
+            n = min(max(n, 1), self.max_span_tokens)
+            head = head_ids(lm.tokenizer, lm.spec, e.topic) if self.topic_heads else []
+            overhead = 2 + len(head)
+            if room < overhead + 1:
+                st.repairs[b].append("span dropped: length cap")
+                continue
+            if overhead + n > room:
+                st.repairs[b].append(f"span truncated to {room - overhead} tokens: length cap")
+                n = room - overhead
+            room -= overhead + n
+            spans.append((e.topic, n))
+            st.entries[b].append(e)
+        if not spans:
+            if st.terminator[b] != lm.spec.id("end") or st.rounds[b] == 0:
+                st.repairs[b].append("plan with no spans: response ended")
+            st.seq[b].append(lm.spec.id("end"))
+            st.done[b] = True
+        return spans
+
+    # ------------------------------------------------------------------ denoising
+
+    def _denoise_round(
+        self,
+        lm: LanguageModel,
+        st: _State,
+        plans: list[list[tuple[str, int]]],
+        generator: torch.Generator,
+    ) -> None:
+        """Fill every planned span of every row in parallel (steps 3-5), then close the round."""
+        spec, dev = lm.spec, lm.device
+        rows = [b for b, p in enumerate(plans) if p]
+        if not rows:
+            return
+        full, group_of, content_of = [], [], []
+        width = max(len(p) for p in plans)
+        for b, plan in enumerate(plans):
+            ids, grp, cont = list(st.seq[b]), [-1] * len(st.seq[b]), [False] * len(st.seq[b])
+            for k, (topic, n) in enumerate(plan):
+                head = head_ids(lm.tokenizer, spec, topic) if self.topic_heads else []
+                ids += [spec.id("span_open"), *head, *[spec.id("mask")] * n, spec.id("span_close")]
+                grp += [b * width + k] * (n + 2 + len(head))
+                cont += [False] * (1 + len(head)) + [True] * n + [False]
+            full.append(ids)
+            group_of.append(grp)
+            content_of.append(cont)
+        x, lengths = self._pack(lm, full, spec.id("pad"))
+        group = self._pack(lm, group_of, -1)[0]
+        content = self._pack(lm, content_of, False)[0].bool()
+        is_mask = content.clone()
+        longest = torch.tensor([max((n for _, n in p), default=0) for p in plans], device=dev)
+        steps = torch.ceil(self.step_ratio * longest.double()).long().clamp(min=1)
+        taken = torch.zeros_like(steps)
+        forbidden = torch.tensor([spec.id(n) for n in _FORBIDDEN_IN_SPANS], device=dev)
+        while bool(is_mask.any()):
+            active = is_mask.any(1)
+            logits, _ = self._forward(lm, st, x, lengths, active, keep=False)
+            bi, pi = is_mask.nonzero(as_tuple=True)
+            lg = logits[bi, pi - st.n_cached[bi] - lm.shift]
+            lg[:, forbidden] = float("-inf")
+            tokens, probs = sample_tokens(lg, generator, self.temperature, self.top_p, self.top_k)
+            scores = unmask_scores(probs, tokens, self.order, generator)
+            grp = group[bi, pi]
+            remaining = torch.bincount(grp, minlength=len(plans) * width)
+            left = (steps - taken).clamp(min=1).repeat_interleave(width)
+            quota = torch.div(remaining + left - 1, left, rounding_mode="floor")
+            rank = _rank_in_group(scores, grp)
+            commit = rank < quota[grp]
+            if self.threshold is not None:  # hold back unsure positions; each span's top-1 always commits
+                commit &= (top_probability(probs, tokens) >= self.threshold) | (rank == 0)
+            x[bi[commit], pi[commit]] = tokens[commit]
+            is_mask[bi[commit], pi[commit]] = False
+            taken += active.long()
+            st.critical += active.long()
+        for b in rows:
+            seg = slice(len(st.seq[b]), int(lengths[b]))
+            self._close_round(
+                lm, st, b, x[b, seg], group[b, seg] - b * width, content[b, seg], len(plans[b])
+            )
+
+    def _close_round(
+        self,
+        lm: LanguageModel,
+        st: _State,
+        b: int,
+        filled: torch.Tensor,
+        span: torch.Tensor,
+        content: torch.Tensor,
+        n_spans: int,
+    ) -> None:
+        """Append row ``b``'s filled scaffold and terminator; record its spans and answer.
+
+        Args:
+            lm: The model.
+            st: Batch state.
+            b: Row.
+            filled: The denoised scaffold ``[S]``.
+            span: Span index (in the round) of each scaffold position ``[S]``.
+            content: Content (not tag, not head) positions ``[S]`` bool.
+            n_spans: Spans in the round.
+        """
+        pad = lm.spec.id("pad")
+        for k in range(n_spans):
+            ids = [t for t in filled[(span == k) & content].tolist() if t != pad]
+            st.answer[b].extend(ids)
+            st.spans[b].append(lm.tokenizer.decode(ids))
+        st.seq[b].extend(filled.tolist())
+        st.seq[b].append(st.terminator[b])
+        if st.terminator[b] == lm.spec.id("end"):
+            st.done[b] = True
+        else:
+            st.rounds[b] += 1
+
+
+def _rank_in_group(scores: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Rank of each score within its group, 0 = highest (ties: earlier index first).
+
+    Args:
+        scores: ``[N]`` priorities.
+        group: ``[N]`` group ids (>= 0).
+
+    Returns:
+        ``[N]`` long ranks.
+    """
+    by_score = torch.argsort(scores, descending=True, stable=True)
+    order = by_score[torch.argsort(group[by_score], stable=True)]
+    sorted_groups = group[order]
+    counts = torch.bincount(sorted_groups)
+    starts = counts.cumsum(0) - counts
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(len(order), device=order.device) - starts[sorted_groups]
+    return ranks

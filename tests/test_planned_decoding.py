@@ -1,0 +1,429 @@
+"""Planned diffusion decoding: scripted plans, repairs, caching, batching, dense masks.
+
+Two backbones: :class:`Scripted` alone (plan tokens from a script, span content
+a function of exactly the tokens the mask lets each position see) and
+:class:`Scripted` around a tiny random Qwen2 (plan still scripted, span content
+from the real model and its real KV cache).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import Qwen2Config
+
+from pdlightning.decoding import LanguageModel, get_strategy
+from pdlightning.decoding.dense_planned import DensePlannedDiffusion
+from pdlightning.decoding.planned import PlannedDiffusion, parse_plan
+from pdlightning.layout import entry_ids
+from pdlightning.masks import extension_mask, structure
+from pdlightning.model.backbone import TINY_QWEN2, build_backbone
+from pdlightning.tags import PlanEntry, TagSpec, parse_ids
+from pdlightning.tokenizer import build_tokenizer, format_prompt
+
+TEXTS = ["the cat sat on the mat", "a dog ran in the park", "name age city summary 1 2 3"] * 10
+TOK, SPEC = build_tokenizer(TEXTS, TagSpec(length_unit=2), vocab_size=300)
+PO, PC, SO, SC, SY, END, PAD, MASK = (
+    SPEC.id(n)
+    for n in ("plan_open", "plan_close", "span_open", "span_close", "sync", "end", "pad", "mask")
+)
+ASSISTANT = TOK.convert_tokens_to_ids("<|assistant|>")
+WORDS = [
+    t
+    for t in TOK.encode("cat dog mat park sat ran", add_special_tokens=False)
+    if TOK.decode([t]).strip()
+]
+PROMPTS = ["the cat", "a dog ran in the park", "the cat sat on"]
+
+
+def entry(topic: str, n: int) -> list[int]:
+    return entry_ids(TOK, SPEC, PlanEntry(topic, n))
+
+
+TWO_ROUNDS = [entry("name", 2) + entry("age", 1) + [SY], entry("summary", 3) + [END]]
+
+
+class Scripted(torch.nn.Module):
+    """Backbone with the HF call signature whose plan tokens follow a script.
+
+    A position outside every span predicts ``script[r][j]``: ``r`` = syncs it
+    sees, ``j`` = positions it sees after the last sync (or the prompt's
+    ``<|assistant|>``); past the script, ``filler`` (None: no override). Span
+    positions predict from ``inner`` or, without it, a word hashed from exactly
+    the (id, position) pairs they see, with a confidence varying by position.
+
+    Args:
+        scripts: One script per prompt length (key) or one for all.
+        inner: Real backbone supplying logits and KV cache.
+        filler: Token predicted past the end of the script.
+    """
+
+    def __init__(
+        self, scripts: dict[int, list[list[int]]] | list[list[int]], inner=None, filler=None
+    ):
+        super().__init__()
+        self.scripts = scripts
+        self.inner = inner
+        self.filler = filler
+        self.config = (
+            inner.config
+            if inner is not None
+            else Qwen2Config(
+                num_hidden_layers=1,
+                hidden_size=8,
+                num_attention_heads=1,
+                num_key_value_heads=1,
+                vocab_size=len(TOK),
+            )
+        )
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.mirror: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # (ids of every column, mask)
+
+    def forward(
+        self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=False
+    ):
+        cache = past_key_values
+        if cache is None:
+            kid, kpos = input_ids, position_ids
+        elif self.inner is None:
+            feats = torch.stack([input_ids, position_ids], -1).float()[:, None]
+            keys, _ = cache.update(feats, feats, 0)
+            kid, kpos = keys[:, 0, :, 0].long(), keys[:, 0, :, 1].long()
+        else:
+            c = cache.get_seq_length()
+            old_id, old_pos = self.mirror.get(id(cache), (input_ids[:, :0], position_ids[:, :0]))
+            kid, kpos = (
+                torch.cat([old_id[:, :c], input_ids], 1),
+                torch.cat([old_pos[:, :c], position_ids], 1),
+            )
+            self.mirror[id(cache)] = (kid, kpos)
+        self.calls.append((kid.clone(), attention_mask.clone()))
+        if self.inner is not None:
+            logits = (
+                self.inner(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    past_key_values=cache,
+                    use_cache=use_cache,
+                ).logits.float()
+                * 10
+            )  # sharpen the near-uniform random model: no near-ties
+
+        else:
+            logits = self._content(input_ids, attention_mask[:, 0], position_ids, kid, kpos)
+        self._script(logits, attention_mask[:, 0], position_ids, kid, kpos)
+        return SimpleNamespace(logits=logits, past_key_values=cache)
+
+    def _content(self, ids, vis, qpos, kid, kpos):
+        b, k = ids.shape
+        h = (vis * (kid * (kpos + 1))[:, None, :]).sum(-1) + 7 * qpos
+        word = torch.tensor(WORDS)[h % len(WORDS)]
+        logits = torch.zeros(b, k, len(TOK))
+        logits.scatter_(-1, word[..., None], (2.0 + 4.0 * (qpos % 3)).float()[..., None])
+        return logits
+
+    def _script(self, logits, vis, qpos, kid, kpos):
+        kid_, kpos_, q = kid[:, None, :], kpos[:, None, :], qpos[..., None]
+        inside = (vis & (kid_ == SO) & (kpos_ <= q)).sum(-1) > (
+            vis & (kid_ == SC) & (kpos_ < q)
+        ).sum(-1)
+        anchor = torch.where(vis & ((kid_ == SY) | (kid_ == ASSISTANT)), kpos_, -1).amax(-1)
+        plen = torch.where(vis & (kid_ == ASSISTANT), kpos_, -1).amax(-1) + 1
+        rnd = (vis & (kid_ == SY)).sum(-1)
+        j = (vis & (kpos_ > anchor[..., None])).sum(-1)
+        for b, i in (~inside & (anchor >= 0)).nonzero().tolist():
+            script = (
+                self.scripts if isinstance(self.scripts, list) else self.scripts[int(plen[b, i])]
+            )
+            r, jj = int(rnd[b, i]), int(j[b, i])
+            target = script[r][jj] if r < len(script) and jj < len(script[r]) else self.filler
+            if target is not None:
+                logits[b, i] = -10.0
+                logits[b, i, target] = 10.0
+
+
+def tiny_qwen():
+    cfg = {
+        **TINY_QWEN2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+    }
+    return build_backbone(config=cfg, vocab_size=len(TOK), seed=0).eval()
+
+
+INNER = tiny_qwen()
+
+
+def run(
+    scripts,
+    prompts=("the cat",),
+    inner=None,
+    filler=None,
+    logits="shifted",
+    cls=PlannedDiffusion,
+    seed=0,
+    **kwargs,
+):
+    model = Scripted(scripts, inner=inner, filler=filler)
+    lm = LanguageModel(model, TOK, SPEC, logits=logits)
+    gens = cls(**{"max_new_tokens": 200, **kwargs}).generate(
+        lm, list(prompts), generator=torch.Generator().manual_seed(seed)
+    )
+    return gens, model
+
+
+def span_lengths(ids: list[int]) -> list[int]:
+    """Tokens after the topic head of each span (pads included)."""
+    out, inside, n = [], False, 0
+    for t in ids:
+        if t == SO:
+            inside, n = True, 0
+        elif t == PC and inside:
+            n = 0  # head closed
+        elif t == SC:
+            out.append(n)
+            inside = False
+        elif inside:
+            n += 1
+    return out
+
+
+def check_well_formed(g, max_new_tokens: int = 200) -> None:
+    assert MASK not in g.token_ids
+    assert len(g.token_ids) <= max_new_tokens
+    assert g.token_ids[-1] in (END, SY) or any("length cap" in r for r in g.repairs)
+    assert g.text == "".join(g.spans).strip()
+
+
+# ----------------------------------------------------------------------------- scripted plans
+
+
+@pytest.mark.parametrize("topic_heads", [True, False])
+def test_scripted_two_round_plan_fills_every_span(topic_heads: bool):
+    (g,), _ = run(TWO_ROUNDS, topic_heads=topic_heads)
+    check_well_formed(g)
+    assert g.repairs == []
+    assert [(e.topic, e.length) for e in g.plan] == [("name", 2), ("age", 1), ("summary", 3)]
+    assert span_lengths(g.token_ids) == [4, 2, 6]
+    parsed = parse_ids(g.token_ids, SPEC, TOK.decode, require_end=True)
+    assert parsed.topic_heads == topic_heads
+    assert [len(r.spans) for r in parsed.rounds] == [2, 1] and parsed.rounds[0].sync
+    assert [s.strip() for s in parsed.span_texts()] == [s.strip() for s in g.spans]
+    # plan, spans, terminator: the plan stream skips the spans
+    r1 = len(TWO_ROUNDS[0]) - 1
+    assert g.token_ids[:r1] == TWO_ROUNDS[0][:-1] and g.token_ids[r1] == SO
+    # critical path: every plan token (terminators included) + ceil(r * longest span) per round
+    assert g.critical_path == len(TWO_ROUNDS[0]) + len(TWO_ROUNDS[1]) + 4 + 6
+    assert g.counters.forward_passes == g.critical_path  # one row: every pass is on its path
+
+
+def test_step_ratio_reduces_steps_and_threshold_holds_back_unsure_positions():
+    plan_tokens = len(TWO_ROUNDS[0]) + len(TWO_ROUNDS[1])
+    (base,), _ = run(TWO_ROUNDS)
+    (half,), _ = run(TWO_ROUNDS, step_ratio=0.5)
+    (held,), _ = run(TWO_ROUNDS, step_ratio=0.5, threshold=1.0)  # nothing is that sure: top-1 per span only
+    (lax,), _ = run(TWO_ROUNDS, step_ratio=0.5, threshold=1e-9)  # everything is: the quota alone
+    for g in (half, held, lax):
+        check_well_formed(g)
+        assert span_lengths(g.token_ids) == [4, 2, 6]
+    assert half.critical_path == plan_tokens + 2 + 3
+    assert lax.critical_path == half.critical_path
+    assert half.critical_path < held.critical_path <= base.critical_path
+
+
+def test_length_scale_scales_spans():
+    (g,), _ = run(TWO_ROUNDS, length_scale=1.5)
+    assert span_lengths(g.token_ids) == [6, 3, 9]
+    (g,), _ = run(TWO_ROUNDS, length_scale=0.1)  # rounds to 0 tokens: raised to 1
+    assert span_lengths(g.token_ids) == [1, 1, 1]
+    assert sum("raised to 1" in r for r in g.repairs) == 2  # 0.4 and 0.2 tokens; 0.6 rounds to 1
+
+
+def test_sync_false_plans_once():
+    (g,), _ = run(TWO_ROUNDS, sync=False)
+    check_well_formed(g)
+    assert SY not in g.token_ids and g.token_ids[-1] == END
+    assert [e.topic for e in g.plan] == ["name", "age"]
+    assert g.critical_path == len(TWO_ROUNDS[0]) + 4
+
+
+def test_unmasking_orders_fill_every_span():
+    for order in ("entropy", "confidence", "random"):
+        (g,), _ = run(TWO_ROUNDS, order=order)
+        check_well_formed(g)
+        assert span_lengths(g.token_ids) == [4, 2, 6]
+
+
+# ----------------------------------------------------------------------------- repairs
+
+W = WORDS[0]
+MALFORMED = {
+    "unparseable": (
+        [[PO, *TOK.encode("name", add_special_tokens=False), PC, *entry("age", 1), END]],
+        {},
+        "unparseable",
+        [2],
+    ),
+    "zero_length": ([entry("a", 0) + [END]], {}, "raised to 1", [1]),
+    "huge_length": ([entry("a", 99) + [END]], {"max_span_tokens": 8}, "clamped to 8", [8]),
+    "no_entries": ([[END]], {}, "no spans", []),
+    "runaway": ([entry("a", 1)], {"max_plan_tokens": 12}, "runaway", [2]),
+    "span_token": ([entry("a", 1) + [SO]], {}, "span_open token while planning", [2]),
+    "mask_token": ([entry("a", 1) + [MASK]], {}, "mask token while planning", [2]),
+    "unclosed_entry": ([[PO, W, *entry("a", 1), END]], {}, "unclosed plan entry", [2]),
+    "stray_text": ([[W, *entry("a", 1), END]], {}, "text outside plan entries", [2]),
+    "empty_sync_round": ([entry("a", 1) + [SY], [SY]], {}, "no spans", [2]),
+    "max_rounds": ([entry("a", 1) + [SY]] * 4, {"max_rounds": 2}, "max_rounds", [2, 2]),
+    "max_spans": ([entry("a", 1) * 3 + [END]], {"max_spans": 2}, "kept 2", [2, 2]),
+    "length_cap": (TWO_ROUNDS, {"max_new_tokens": 20}, "length cap", None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_malformed_plans_are_repaired(name: str):
+    script, kwargs, note, lengths = MALFORMED[name]
+    max_new = kwargs.get("max_new_tokens", 200)
+    (g,), _ = run(script, filler=W, **kwargs)
+    check_well_formed(g, max_new)
+    assert any(note in r for r in g.repairs), g.repairs
+    if lengths is not None:
+        assert span_lengths(g.token_ids) == lengths
+        assert len(g.spans) == len(lengths)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    script=st.lists(
+        st.lists(
+            st.sampled_from(
+                [
+                    PO,
+                    PC,
+                    SO,
+                    SC,
+                    SY,
+                    END,
+                    PAD,
+                    MASK,
+                    *WORDS[:3],
+                    *TOK.encode("1 7 0", add_special_tokens=False),
+                ]
+            ),
+            max_size=12,
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+    filler=st.sampled_from([None, W, PO, SY]),
+    dense=st.booleans(),
+)
+def test_garbage_plans_never_crash_or_loop(script, filler, dense):
+    cls = DensePlannedDiffusion if dense else PlannedDiffusion
+    (g,), _ = run(
+        script, filler=filler, cls=cls, max_new_tokens=60, max_plan_tokens=16, max_rounds=3
+    )
+    check_well_formed(g, 60)
+    assert g.critical_path <= 3 * 16 + 60
+
+
+def test_parse_plan_reads_entries():
+    lm = LanguageModel(Scripted(TWO_ROUNDS), TOK, SPEC)
+    entries, notes = parse_plan(entry("two words", 12) + entry("", 3) + [PO, W, PC], lm)
+    assert [(e.topic, e.length) for e in entries] == [("two words", 12), ("", 3)]
+    assert len(notes) == 1 and "unparseable" in notes[0]
+
+
+# ----------------------------------------------------------------------------- caching, batching, masks
+
+
+@pytest.mark.parametrize(
+    "cls,logits",
+    [
+        (PlannedDiffusion, "shifted"),
+        (DensePlannedDiffusion, "shifted"),
+        (PlannedDiffusion, "aligned"),
+    ],
+)
+def test_cached_equals_uncached_on_a_real_backbone(cls, logits):
+    kw = {"inner": INNER, "cls": cls, "logits": logits, "prompts": PROMPTS[:2], "batch_size": 2}
+    cached, _ = run(TWO_ROUNDS, use_cache=True, **kw)
+    uncached, _ = run(TWO_ROUNDS, use_cache=False, **kw)
+    for a, b in zip(cached, uncached, strict=True):
+        check_well_formed(a)
+        assert a.token_ids == b.token_ids and a.critical_path == b.critical_path
+        assert span_lengths(a.token_ids) == [4, 2, 6]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_batch_equals_one_by_one(use_cache: bool):
+    lengths = [len(format_prompt(TOK, p)) for p in PROMPTS]
+    assert len(set(lengths)) == 3
+    scripts = {
+        lengths[0]: TWO_ROUNDS,
+        lengths[1]: [entry("a", 1) + entry("b", 4) + entry("c", 2) + [END]],
+        lengths[2]: [entry("x", 3) + [SY], entry("y", 1) + [SY], entry("z", 2) + [END]],
+    }
+    batch, _ = run(
+        scripts, prompts=PROMPTS, inner=INNER, batch_size=3, use_cache=use_cache, step_ratio=0.5
+    )
+    single, _ = run(
+        scripts, prompts=PROMPTS, inner=INNER, batch_size=1, use_cache=use_cache, step_ratio=0.5
+    )
+    for a, b in zip(batch, single, strict=True):
+        check_well_formed(a)
+        assert a.token_ids == b.token_ids
+        assert a.critical_path == b.critical_path
+    assert [len(g.spans) for g in batch] == [3, 3, 3]
+    assert batch[0].counters.forward_passes < sum(g.counters.forward_passes for g in single)
+
+
+@pytest.mark.parametrize("cls", [PlannedDiffusion, DensePlannedDiffusion])
+def test_masks_passed_to_the_backbone_are_the_hybrid_mask(cls):
+    _, model = run(TWO_ROUNDS, cls=cls)
+    for kid, mask in model.calls:
+        prefix = kid.shape[1] - mask.shape[2]
+        assert torch.equal(mask, extension_mask(kid, SPEC, prefix, dense=cls.dense))
+
+
+def test_dense_mask_differs_only_between_spans_of_a_round():
+    _, sparse = run(TWO_ROUNDS)
+    _, dense = run(TWO_ROUNDS, cls=DensePlannedDiffusion)
+    assert len(sparse.calls) == len(dense.calls)
+    differing = 0
+    for (kid, a), (_, b) in zip(sparse.calls, dense.calls, strict=True):
+        assert a.shape == b.shape
+        s = structure(kid, SPEC)
+        rows = slice(kid.shape[1] - a.shape[2], None)
+        span_i, span_j = s.span[:, rows, None], s.span[:, None, :]
+        same_round = s.syncs[:, rows, None] == s.syncs[:, None, :]
+        between = (span_i >= 0) & (span_j >= 0) & (span_i != span_j) & same_round
+        diff = (a != b)[:, 0]
+        assert not (diff & ~between).any()
+        assert not (a & ~b).any()  # dense only adds attention
+        differing += int(diff.sum())
+    assert differing > 0
+
+
+def test_same_seed_same_output_at_temperature():
+    kw = {"inner": INNER, "prompts": PROMPTS, "batch_size": 3, "temperature": 1.0, "top_p": 0.9}
+    a, _ = run([entry("a", 3) + [END]], seed=3, order="random", **kw)
+    b, _ = run([entry("a", 3) + [END]], seed=3, order="random", **kw)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+
+
+def test_registered_and_validated():
+    assert isinstance(get_strategy("planned"), PlannedDiffusion)
+    assert isinstance(get_strategy("dense_planned", step_ratio=0.5), DensePlannedDiffusion)
+    for bad in ({"step_ratio": 0}, {"threshold": 2.0}, {"order": "best"}, {"max_rounds": 0}):
+        with pytest.raises(ValueError):
+            PlannedDiffusion(**bad)
