@@ -1,0 +1,176 @@
+"""``pdlightning generate``: decode prompts with any decoding strategy.
+
+Every constructor argument of the chosen strategy is a command-line option
+(``--step_ratio 0.5`` or its short alias ``--r 0.5``; ``--threshold``/``--tau``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: Short aliases of the paper's knob names.
+ALIASES = {"r": "step_ratio", "tau": "threshold"}
+
+COLOURS = ["\033[36m", "\033[33m", "\033[35m", "\033[32m", "\033[34m", "\033[31m"]
+RESET, DIM = "\033[0m", "\033[2m"
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _converter(annotation: Any) -> Any:
+    """An argparse ``type`` for a constructor annotation (Optional and Literal included)."""
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin is typing.Literal:
+        return str
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        return _converter(args[0]) if args else str
+    if annotation is bool:
+        return _bool
+    if annotation in (int, float, str):
+        return annotation
+    return json.loads
+
+
+def strategy_class(name: str) -> type:
+    """The class behind a short name or a dotted class path."""
+    from pdlightning.decoding.base import _REGISTRY, _import_builtin
+
+    _import_builtin()
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    import importlib
+
+    module, _, cls_name = name.rpartition(".")
+    if not module:
+        raise SystemExit(f"unknown decoder {name!r}; registered: {sorted(_REGISTRY)}")
+    return getattr(importlib.import_module(module), cls_name)
+
+
+def add_strategy_arguments(parser: argparse.ArgumentParser, cls: type) -> list[str]:
+    """Add one option per constructor argument of ``cls``; return their names."""
+    hints = typing.get_type_hints(cls.__init__)
+    names: list[str] = []
+    seen: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for p in list(inspect.signature(init).parameters.values())[1:]:
+            if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.name in seen:
+                continue
+            seen.add(p.name)
+            flags = [f"--{p.name}"] + [f"--{a}" for a, target in ALIASES.items() if target == p.name]
+            default = None if p.default is inspect.Parameter.empty else p.default
+            parser.add_argument(
+                *flags, dest=f"strategy__{p.name}", type=_converter(hints.get(p.name, str)),
+                default=argparse.SUPPRESS, help=f"{cls.__name__} argument (default {default!r})",
+            )
+            names.append(p.name)
+    return names
+
+
+def strategy_kwargs(ns: argparse.Namespace) -> dict[str, Any]:
+    return {k.removeprefix("strategy__"): v for k, v in vars(ns).items() if k.startswith("strategy__")}
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompt:
+        return list(args.prompt)
+    prompts: list[str] = []
+    with open(args.input) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{args.input}:{n}: not JSON ({e})") from None
+            text = row.get("prompt", row.get("instruction")) if isinstance(row, dict) else None
+            if not isinstance(text, str):
+                raise SystemExit(f"{args.input}:{n}: needs a 'prompt' (or 'instruction') string")
+            prompts.append(text)
+    return prompts
+
+
+def show(generation: Any, colour: bool) -> str:
+    """A response with its plan and each span in colour."""
+    lines = []
+    if generation.plan is not None:
+        plan = ", ".join(f"{e.topic or '-'} ({e.length})" for e in generation.plan)
+        lines.append(f"{DIM}plan:{RESET} {plan}" if colour else f"plan: {plan}")
+        for k, (entry, span) in enumerate(zip(generation.plan, generation.spans or [], strict=False)):
+            c = COLOURS[k % len(COLOURS)] if colour else ""
+            lines.append(f"{c}[{entry.topic or k}] {span.strip()}{RESET if colour else ''}")
+        if generation.repairs:
+            lines.append(f"repairs: {', '.join(generation.repairs)}")
+    c = generation.counters
+    lines.append(
+        f"answer: {generation.text}\n"
+        f"({c.critical_path} passes on the critical path, {c.forward_passes} in all, "
+        f"{c.content_tokens} content tokens, {c.seconds:.2f} s)"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--decoder", default="planned")
+    known, _ = pre.parse_known_args(argv)
+    cls = strategy_class(known.decoder)
+    p = argparse.ArgumentParser(prog="pdlightning generate", description=__doc__)
+    p.add_argument("--checkpoint", required=True, help="a HF directory written by fit (ExportHF) or export")
+    p.add_argument("--decoder", default="planned", help="short name or class path of a DecodingStrategy")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    src.add_argument("--input", help="JSONL file with a 'prompt' per line")
+    p.add_argument("--output", help="write one JSON result per line here")
+    p.add_argument("--show-plan", action="store_true", help="show the plan and each span in colour")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_strategy_arguments(p, cls)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from pdlightning.decoding import LanguageModel, get_strategy
+
+    try:
+        strategy = get_strategy(args.decoder, **strategy_kwargs(args))
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"pdlightning generate: {e}") from None
+    lm = LanguageModel.from_pretrained(args.checkpoint, device=args.device)
+    prompts = _read_prompts(args)
+    out = open(args.output, "w") if args.output else None  # noqa: SIM115
+    colour = sys.stdout.isatty()
+
+    def on_batch(done: list[Any]) -> None:
+        for g in done:
+            print(f"> {g.prompt}")
+            print(show(g, colour) if args.show_plan else g.text)
+            print()
+            if out is not None:
+                out.write(json.dumps(g.to_dict()) + "\n")
+                out.flush()
+
+    strategy.generate(lm, prompts, torch.Generator().manual_seed(args.seed), on_batch=on_batch)
+    if out is not None:
+        out.close()
+        print(f"wrote {len(prompts)} results to {Path(args.output)}")
+    return 0
