@@ -15,6 +15,7 @@ from transformers import (
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
 )
 
 from pdlightning.model.backbone import LogitsConvention
@@ -30,6 +31,20 @@ class ForwardOutput:
 
     logits: torch.Tensor
     past_key_values: Any = None
+
+
+def load_tokenizer(directory: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a tokenizer as saved, without a model-specific class adding tokens of its own.
+
+    A tokenizer built here is a plain ``tokenizers`` backend; ``AutoTokenizer``
+    would pick the class of the model type in ``config.json`` (e.g. Qwen2's),
+    which adds its own special tokens and shifts the vocabulary.
+    """
+    config_path = Path(directory) / "tokenizer_config.json"
+    cls_name = json.loads(config_path.read_text()).get("tokenizer_class") if config_path.exists() else None
+    if cls_name in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        return PreTrainedTokenizerFast.from_pretrained(directory)
+    return AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
 
 
 class LanguageModel:
@@ -137,7 +152,7 @@ class LanguageModel:
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"checkpoint directory {str(directory)!r} does not exist")
-        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(directory, trust_remote_code=trust_remote_code)
         try:
             spec = load_spec(directory)
         except FileNotFoundError:

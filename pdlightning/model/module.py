@@ -64,11 +64,14 @@ class Schedule:
         warmup_fraction: Fraction of each stage's steps spent warming up.
         final_fraction: Learning rate at the end of a stage, as a fraction of the peak.
         restart_per_stage: Restart warm-up and decay when the stage changes.
+        stage_scales: Peak learning rate of each stage as a multiple of the
+            optimiser's (e.g. ``[1.0, 0.5]``); None = 1 for every stage.
     """
 
     warmup_fraction: float = 0.05
     final_fraction: float = 0.0
     restart_per_stage: bool = True
+    stage_scales: list[float] | None = None
 
 
 def _adamw(params: Any) -> torch.optim.Optimizer:
@@ -221,6 +224,7 @@ class PlannedDiffusionModule(L.LightningModule):
             starts = sorted({int(round(e * per_epoch)) for e in dm.stage_starts() if e < max_epochs})
         bounds = [*starts, total]
         warm, final = self.schedule.warmup_fraction, self.schedule.final_fraction
+        scales = self.schedule.stage_scales or []
 
         def factor(step: int) -> float:
             k = max(i for i, s in enumerate(starts) if s <= step) if step >= starts[0] else 0
@@ -228,10 +232,11 @@ class PlannedDiffusionModule(L.LightningModule):
             length = end - begin
             local = step - begin
             w = max(1, math.ceil(warm * length))
+            scale = scales[k] if k < len(scales) else 1.0
             if local < w:
-                return (local + 1) / w
+                return scale * (local + 1) / w
             progress = min(1.0, (local - w) / max(1, length - w))
-            return final + (1 - final) * (1 - progress)
+            return scale * (final + (1 - final) * (1 - progress))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

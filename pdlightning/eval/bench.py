@@ -1,0 +1,305 @@
+"""``pdlightning bench``: train (or reuse) the models of the paper's comparison
+on the embedded default, decode the test prompts with every decoder, and write
+``results.json``, ``results.md`` and plots, every ratio taken against AR in the
+same run. Sweeps (r, tau, length_scale) and ablations (no sync, no topics) are
+entries of the same config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from pdlightning.decoding import Generation, LanguageModel, get_strategy
+from pdlightning.eval.metrics import FactAccuracy, PlanValidity, SpanLengthError, TokensPerAnswer
+
+
+@dataclass
+class ModelSpec:
+    """A model to train: config files and command-line overrides for ``pdlightning fit``."""
+
+    configs: list[str]
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DecoderSpec:
+    """A row of the comparison: a decoder on a model, with its arguments."""
+
+    name: str
+    model: str
+    decoder: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SweepSpec:
+    """One knob of one decoder row swept over values."""
+
+    row: str
+    knob: str
+    values: list[Any]
+
+
+@dataclass
+class BenchConfig:
+    out_dir: str = "runs/bench"
+    threads: int = 2
+    seed: int = 0
+    cache_dir: str = ".cache/pdlightning"
+    split: str = "test"
+    limit: int = 100
+    warmup: int = 2
+    baseline: str = "AR"
+    models: dict[str, ModelSpec] = field(default_factory=dict)
+    decoders: list[DecoderSpec] = field(default_factory=list)
+    sweeps: list[SweepSpec] = field(default_factory=list)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> BenchConfig:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        unknown = set(raw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+        raw["models"] = {k: ModelSpec(**v) for k, v in (raw.get("models") or {}).items()}
+        raw["decoders"] = [DecoderSpec(**d) for d in raw.get("decoders") or []]
+        raw["sweeps"] = [SweepSpec(**s) for s in raw.get("sweeps") or []]
+        cfg = cls(**raw)
+        for d in cfg.decoders:
+            if d.model not in cfg.models:
+                raise ValueError(f"{path}: decoder row {d.name!r} uses unknown model {d.model!r}")
+        if cfg.baseline not in {d.name for d in cfg.decoders}:
+            raise ValueError(f"{path}: baseline {cfg.baseline!r} is not a decoder row")
+        return cfg
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_model(name: str, spec: ModelSpec, cfg: BenchConfig) -> Path:
+    """Run ``pdlightning fit`` for one model unless its export already exists."""
+    root = Path(cfg.out_dir) / "models" / name
+    hf = root / "hf"
+    if (hf / "model.safetensors").exists():
+        print(f"[bench] model {name}: reusing {hf}")
+        return hf
+    args = [sys.executable, "-m", "pdlightning.cli", "fit"]
+    for c in spec.configs:
+        args += ["--config", c]
+    args += [
+        f"--trainer.default_root_dir={root}",
+        f"--trainer.logger.init_args.save_dir={root}",
+        f"--data.cache_dir={cfg.cache_dir}",
+        f"--seed_everything={cfg.seed}",
+        *spec.overrides,
+        "--trainer.callbacks+=pdlightning.model.callbacks.ExportHF",
+        f"--trainer.callbacks.dirpath={hf}",
+    ]
+    print(f"[bench] training {name}: {' '.join(args[2:])}")
+    t0 = time.time()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(args, env=env)
+    if done.returncode != 0 or not (hf / "model.safetensors").exists():
+        raise SystemExit(f"[bench] training {name} failed (exit {done.returncode})")
+    print(f"[bench] model {name} trained in {(time.time() - t0) / 60:.1f} min")
+    return hf
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def load_prompts(cfg: BenchConfig) -> list[dict[str, Any]]:
+    from pdlightning.data.sources import load_rows
+
+    rows = load_rows("bundled", cfg.cache_dir, seed=cfg.seed)[cfg.split]
+    n = min(cfg.limit, len(rows))
+    return [{"prompt": rows[i]["prompt"], "answer_keys": rows[i]["answer_keys"]} for i in range(n)]
+
+
+def evaluate_row(lm: LanguageModel, decoder: str, args: dict[str, Any], prompts: list[dict[str, Any]],
+                 cfg: BenchConfig, label: str) -> tuple[dict[str, Any], list[Generation]]:
+    """Decode every prompt with one strategy; quality, latency and counters."""
+    from pdlightning.data.synthetic import count_tokens
+
+    strategy = get_strategy(decoder, **args)
+    texts = [p["prompt"] for p in prompts]
+    strategy.generate(lm, texts[: cfg.warmup], torch.Generator().manual_seed(cfg.seed))  # warm-up, not timed
+    gens: list[Generation] = []
+    bar = tqdm(total=len(texts), desc=f"decoding {label}", unit="prompt", leave=False)
+    strategy.generate(lm, texts, torch.Generator().manual_seed(cfg.seed),
+                      on_batch=lambda done: (gens.extend(done), bar.update(len(done))))
+    bar.close()
+    facts, validity = FactAccuracy(), PlanValidity()
+    span_error, tokens = SpanLengthError(lm.spec.length_unit), TokensPerAnswer()
+    facts.update([g.text for g in gens], [p["answer_keys"] for p in prompts])
+    validity.update(gens)
+    span_error.update(gens, count_tokens)
+    tokens.update(gens)
+    n = len(gens)
+    per_response = [g.counters.seconds / max(1, strategy.batch_size) for g in gens]
+    result = {
+        "fact_accuracy": float(facts.compute()),
+        "latency_s": sum(per_response) / n,
+        "critical_path": sum(g.counters.critical_path for g in gens) / n,
+        "forward_passes": sum(g.counters.forward_passes for g in gens) / n,
+        "content_tokens": float(tokens.compute()),
+        "control_tokens": sum(g.counters.control_tokens for g in gens) / n,
+        "pad_tokens": sum(g.counters.pad_tokens for g in gens) / n,
+        "plan_validity": float(validity.compute()) if any(g.plan is not None for g in gens) else None,
+        "span_length_error": float(span_error.compute()) if any(g.plan for g in gens) else None,
+        "n": n,
+    }
+    return result, gens
+
+
+def add_ratios(results: dict[str, dict[str, Any]], baseline: str) -> None:
+    """Speed-up and critical-path ratio of every row against the baseline row of this run."""
+    base = results[baseline]
+    for r in results.values():
+        r["speedup_vs_ar"] = base["latency_s"] / r["latency_s"]
+        r["critical_path_vs_ar"] = r["critical_path"] / base["critical_path"]
+        r["fact_accuracy_minus_ar"] = r["fact_accuracy"] - base["fact_accuracy"]
+
+
+def markdown_table(results: dict[str, dict[str, Any]]) -> str:
+    head = ("| decoder | model | facts | Δ facts vs AR | latency (s) | speed-up vs AR | critical path "
+            "| ratio vs AR | forward passes | content tok | control tok | pad tok |")
+    lines = [head, "|" + "---|" * 12]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | {r['model']} | {100 * r['fact_accuracy']:.1f}% | {100 * r['fact_accuracy_minus_ar']:+.1f} "
+            f"| {r['latency_s']:.3f} | {r['speedup_vs_ar']:.2f}x | {r['critical_path']:.1f} "
+            f"| {r['critical_path_vs_ar']:.2f} | {r['forward_passes']:.1f} | {r['content_tokens']:.1f} "
+            f"| {r['control_tokens']:.1f} | {r['pad_tokens']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def pareto(points: list[tuple[float, float, str]]) -> list[str]:
+    """Names on the frontier of (latency lower, quality higher)."""
+    front = []
+    for lat, q, name in points:
+        if not any((l2 <= lat and q2 >= q) and (l2 < lat or q2 > q) for l2, q2, _ in points):
+            front.append(name)
+    return front
+
+
+def plot(results: dict[str, dict[str, Any]], sweeps: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
+    """Latency against quality (Pareto frontier marked), critical path per decoder, one plot per sweep."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    pts = [(r["latency_s"], r["fact_accuracy"], n) for n, r in results.items()]
+    front = set(pareto(pts))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for lat, q, name in pts:
+        ax.scatter(lat, 100 * q, s=60, marker="*" if name in front else "o")
+        ax.annotate(name, (lat, 100 * q), textcoords="offset points", xytext=(5, 5))
+    fl = sorted((lat, q) for lat, q, n in pts if n in front)
+    ax.plot([p[0] for p in fl], [100 * p[1] for p in fl], "k--", lw=1, label="Pareto frontier")
+    ax.set_xscale("log")
+    ax.set_xlabel("latency per response (s, log)")
+    ax.set_ylabel("fact accuracy (%)")
+    ax.legend()
+    fig.tight_layout()
+    files.append(out / "latency_vs_quality.png")
+    fig.savefig(files[-1], dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = list(results)
+    ax.bar(names, [results[n]["critical_path"] for n in names])
+    ax.set_ylabel("forward passes on the critical path")
+    fig.tight_layout()
+    files.append(out / "critical_path.png")
+    fig.savefig(files[-1], dpi=120)
+    plt.close(fig)
+    for key, rows in sweeps.items():
+        fig, ax1 = plt.subplots(figsize=(5, 3.5))
+        xs = [r["value"] for r in rows]
+        ax1.plot(xs, [100 * r["fact_accuracy"] for r in rows], "o-", label="fact accuracy")
+        ax1.set_xlabel(key.split("/", 1)[1])
+        ax1.set_ylabel("fact accuracy (%)")
+        ax2 = ax1.twinx()
+        ax2.plot(xs, [r["latency_s"] for r in rows], "s--", color="tab:red", label="latency")
+        ax2.set_ylabel("latency (s)")
+        ax1.set_title(key)
+        fig.tight_layout()
+        files.append(out / f"sweep_{key.replace('/', '_')}.png")
+        fig.savefig(files[-1], dpi=120)
+        plt.close(fig)
+    return files
+
+
+def run(cfg: BenchConfig) -> dict[str, Any]:
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    checkpoints = {name: train_model(name, spec, cfg) for name, spec in cfg.models.items()}
+    prompts = load_prompts(cfg)
+    lms = {name: LanguageModel.from_pretrained(path) for name, path in checkpoints.items()}
+    results: dict[str, dict[str, Any]] = {}
+    for row in cfg.decoders:
+        res, gens = evaluate_row(lms[row.model], row.decoder, row.args, prompts, cfg, row.name)
+        results[row.name] = {"model": row.model, "decoder": row.decoder, "args": row.args, **res}
+        with (out / f"generations_{row.name}.jsonl").open("w") as f:
+            for p, g in zip(prompts, gens, strict=True):
+                f.write(json.dumps({**g.to_dict(), "answer_keys": p["answer_keys"]}) + "\n")
+        print(f"[bench] {row.name}: facts {100 * res['fact_accuracy']:.1f}%, {res['latency_s']:.3f} s, "
+              f"critical path {res['critical_path']:.1f}")
+    add_ratios(results, cfg.baseline)
+    sweeps: dict[str, list[dict[str, Any]]] = {}
+    rows_by_name = {d.name: d for d in cfg.decoders}
+    for sw in cfg.sweeps:
+        row = rows_by_name[sw.row]
+        key = f"{sw.row}/{sw.knob}"
+        sweeps[key] = []
+        for value in sw.values:
+            res, _ = evaluate_row(lms[row.model], row.decoder, {**row.args, sw.knob: value}, prompts, cfg,
+                                  f"{key}={value}")
+            sweeps[key].append({"value": value, **res,
+                                "speedup_vs_ar": results[cfg.baseline]["latency_s"] / res["latency_s"]})
+            print(f"[bench] {key}={value}: facts {100 * res['fact_accuracy']:.1f}%, {res['latency_s']:.3f} s")
+    table = markdown_table(results)
+    summary = {
+        "config": asdict(cfg),
+        "machine": {"threads": cfg.threads, "torch": torch.__version__, "cpu_count": os.cpu_count()},
+        "results": results,
+        "sweeps": sweeps,
+        "minutes": (time.time() - started) / 60,
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    (out / "results.md").write_text(table + "\n")
+    files = plot(results, sweeps, out)
+    print("\n" + table + "\n")
+    print(f"[bench] wrote {out / 'results.json'}, {out / 'results.md'} and {len(files)} plots in {out}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pdlightning bench", description=__doc__)
+    p.add_argument("--config", default="configs/bench/tiny.yaml", help="bench YAML")
+    p.add_argument("--out_dir", help="override out_dir")
+    p.add_argument("--limit", type=int, help="override the number of test prompts")
+    a = p.parse_args(argv)
+    cfg = BenchConfig.from_yaml(a.config)
+    if a.out_dir:
+        cfg.out_dir = a.out_dir
+    if a.limit:
+        cfg.limit = a.limit
+    run(cfg)
+    return 0
