@@ -15,6 +15,8 @@ optionally ``system``, ``tagged`` (canonical tagged text) and ``answer_keys``:
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import os
 from pathlib import Path
@@ -61,7 +63,9 @@ def bundled_files(
 
     sizes = {**DEFAULT_BUNDLED_SIZES, **(sizes or {})}
     spec = spec or TagSpec()
-    key = f"bundled-{BUNDLED_VERSION}-seed{seed}-" + "-".join(f"{k}{sizes[k]}" for k in sorted(sizes))
+    # the generator's own source is part of the key: a changed generator never reuses stale files
+    code = hashlib.sha256(inspect.getsource(synthetic).encode()).hexdigest()[:10]
+    key = f"bundled-{BUNDLED_VERSION}-{code}-seed{seed}-" + "-".join(f"{k}{sizes[k]}" for k in sorted(sizes))
     directory = Path(cache_dir) / key
     directory.mkdir(parents=True, exist_ok=True)
     paths = {split: str(directory / f"{split}.jsonl") for split in sizes}
