@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pdlightning.data.collate import MODES, Batch, Mode, add_stochastic_pads, collate, example_rng
 from pdlightning.data.preprocess import LayoutOptions, preprocess_row
-from pdlightning.data.sources import load_rows
+from pdlightning.data.sources import bundled_files, load_rows
 from pdlightning.tags import TagSpec
 from pdlightning.tokenizer import add_control_tokens, build_tokenizer, load_spec, save_spec
 
@@ -193,7 +193,9 @@ class PlannedDataModule(L.LightningDataModule):
             raise ValueError("a tokenizer path is required for sources other than 'bundled'")
         from transformers import PreTrainedTokenizerFast
 
-        directory = Path(self.cache_dir) / f"tokenizer-{spec.plan_open}-{vocab_size}-seed{self.seed}".replace("<", "").replace(">", "").replace("/", "")
+        files = bundled_files(self.cache_dir, self.bundled_sizes, self.seed, spec)
+        preset = "".join(c for c in spec.plan_open if c.isalnum())
+        directory = Path(files["train"]).parent / f"tokenizer-{preset}-{spec.length_unit}-{vocab_size}"
         if (directory / "tokenizer.json").exists():
             return PreTrainedTokenizerFast.from_pretrained(directory), load_spec(directory)
         rows = load_rows("bundled", self.cache_dir, self.bundled_sizes, self.seed, spec=spec)["train"]

@@ -48,7 +48,7 @@ def tagged_from_parts(parts: list[dict[str, Any]], spec: TagSpec, count_tokens: 
 
 
 def _atomic_write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")  # concurrent writers never share a temp file
     with tmp.open("w") as f:
         for row in rows:
             f.write(json.dumps(row, sort_keys=True) + "\n")

@@ -1,0 +1,94 @@
+"""End to end: train the smoke config for a few steps through the CLI, then
+decode with every registered strategy, through Python and `pdlightning generate`,
+and export a Lightning checkpoint with `pdlightning export`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pdlightning.decoding import LanguageModel, get_strategy, list_strategies
+from pdlightning.tags import parse
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [
+    "Describe this person in a few sentences.\nName: Ann Lee\nAge: 31\nCity: Paris",
+    "Write short instructions to repair a chair.\nStep 1: sort the lid (4 minutes)\nStep 2: fold the door (15 minutes)",
+]
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "pdlightning.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("smoke")
+    out = cli("fit", "--config", "configs/smoke.yaml", f"--trainer.default_root_dir={root}",
+              f"--trainer.logger.init_args.save_dir={root}", f"--trainer.callbacks.init_args.dirpath={root / 'hf'}",
+              f"--data.cache_dir={ROOT / '.cache/pdlightning'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list_strategies())
+def test_every_strategy_decodes_the_trained_smoke_model(trained: Path, name: str):
+    lm = LanguageModel.from_pretrained(trained / "hf")
+    strategy = get_strategy(name, max_new_tokens=96)
+    gens = strategy.generate(lm, PROMPTS, torch.Generator().manual_seed(0))
+    assert [g.prompt for g in gens] == PROMPTS
+    mask = lm.spec.id("mask")
+    for g in gens:
+        assert len(g.token_ids) <= 96
+        assert mask not in g.token_ids  # every mask was filled
+        assert g.counters.forward_passes >= g.counters.critical_path > 0
+        assert g.counters.seconds > 0
+        if g.plan is not None:  # planned strategies: the spans are the answer, in plan order
+            assert g.spans is not None and len(g.spans) == len(g.plan)
+            assert all(lm.spec.span_open not in s for s in g.spans)
+
+
+@pytest.mark.slow
+def test_generate_command_shows_plan_and_writes_results(trained: Path, tmp_path: Path):
+    out_file = tmp_path / "out.jsonl"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    out = cli("generate", "--checkpoint", str(trained / "hf"), "--decoder", "planned", "--input", str(prompts),
+              "--r", "0.5", "--tau", "0.5", "--max_new_tokens", "96", "--show-plan", "--output", str(out_file))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "plan:" in out.stdout and "critical path" in out.stdout
+    rows = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == PROMPTS
+
+
+@pytest.mark.slow
+def test_generate_command_refuses_a_bad_knob(trained: Path):
+    out = cli("generate", "--checkpoint", str(trained / "hf"), "--decoder", "planned", "--prompt", "hi",
+              "--r", "-1")
+    assert out.returncode != 0 and "step_ratio" in out.stderr
+
+
+@pytest.mark.slow
+def test_export_writes_a_directory_every_decoder_loads(trained: Path, tmp_path: Path):
+    ckpt = next(trained.rglob("last.ckpt"))
+    out = cli("export", "--config", "configs/smoke.yaml", "--ckpt_path", str(ckpt), "--output", str(tmp_path / "hf"),
+              )
+    assert out.returncode == 0, out.stderr[-3000:]
+    a = LanguageModel.from_pretrained(trained / "hf")
+    b = LanguageModel.from_pretrained(tmp_path / "hf")
+    assert a.spec.ids == b.spec.ids and len(a.tokenizer) == len(b.tokenizer)
+    for k, v in a.backbone.state_dict().items():
+        assert torch.equal(v, b.backbone.state_dict()[k]), k
+    text = "<topic>name 1</topic><async>Her name is Ann.</async>" + a.spec.end
+    ids = a.tokenizer.encode(text, add_special_tokens=False)
+    assert parse(a.tokenizer.decode(ids), a.spec).span_texts() == ["Her name is Ann."]
