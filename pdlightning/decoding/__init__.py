@@ -4,6 +4,7 @@ Built-in strategies register short names when this package is imported; a
 user's subclass is usable by ``class_path`` without registration.
 """
 
+from pdlightning.decoding.autoregressive import Autoregressive
 from pdlightning.decoding.base import (
     Counters,
     DecodingStrategy,
@@ -14,13 +15,18 @@ from pdlightning.decoding.base import (
     register,
 )
 from pdlightning.decoding.dense_planned import DensePlannedDiffusion
+from pdlightning.decoding.diffusion import Diffusion
+from pdlightning.decoding.fast_dllm import FastDLLM
 from pdlightning.decoding.lm import LanguageModel
 from pdlightning.decoding.planned import PlannedDiffusion
 
 __all__ = [
+    "Autoregressive",
     "Counters",
     "DecodingStrategy",
     "DensePlannedDiffusion",
+    "Diffusion",
+    "FastDLLM",
     "Generation",
     "LanguageModel",
     "PlannedDiffusion",

@@ -201,7 +201,8 @@ class DecodingStrategy(ABC):
             batch = ids[start : start + self.batch_size]
             lm.reset_counter()
             t0 = time.perf_counter()
-            rows = self.decode_batch(lm, batch, generator)
+            with torch.inference_mode():
+                rows = self.decode_batch(lm, batch, generator)
             seconds = time.perf_counter() - t0
             done = [
                 self._finish(lm, text, row, lm.forward_passes, seconds)
