@@ -206,6 +206,28 @@ class PlannedDataModule(L.LightningDataModule):
         save_spec(spec, directory)
         return tok, spec
 
+    def _fingerprint(self, ds: Any) -> str:
+        """Cache key of the tokenised split: input rows, tokenizer, tag spec, layout options.
+
+        ``datasets`` cannot hash a tokenizer object reproducibly, so the key is
+        built here from what determines the result.
+        """
+        import hashlib
+        import inspect
+
+        from pdlightning.data import preprocess
+
+        h = hashlib.sha256()
+        for part in (
+            ds._fingerprint,
+            self.tokenizer.backend_tokenizer.to_str() if hasattr(self.tokenizer, "backend_tokenizer") else repr(self.tokenizer),
+            getattr(self.tokenizer, "chat_template", None),
+            repr(sorted(self.spec.strings().items())), repr(sorted(self.spec.ids.items())), repr(self.options),
+            inspect.getsource(preprocess),
+        ):
+            h.update(str(part).encode())
+        return h.hexdigest()[:32]
+
     @property
     def vocab_size(self) -> int:
         return len(self.tokenizer)
@@ -221,7 +243,7 @@ class PlannedDataModule(L.LightningDataModule):
         for name, ds in raw.items():
             if name == "train" and self.limit_train:
                 ds = ds.select(range(min(self.limit_train, len(ds))))
-            done = ds.map(fn, desc=f"tokenising {name}")
+            done = ds.map(fn, desc=f"tokenising {name}", new_fingerprint=self._fingerprint(ds))
             reasons = Counter(e for e in done["error"] if e is not None)
             self.discarded[name] = reasons
             if reasons:
