@@ -18,10 +18,10 @@ AttnImplementation = Literal["sdpa", "eager", "flex_attention", "flash_attention
 #: The embedded default: a Qwen2-style model of a few million parameters.
 TINY_QWEN2: dict[str, Any] = {
     "model_type": "qwen2",
-    "hidden_size": 192,
-    "intermediate_size": 512,
+    "hidden_size": 128,
+    "intermediate_size": 384,
     "num_hidden_layers": 4,
-    "num_attention_heads": 6,
+    "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "max_position_embeddings": 1024,
     "rope_theta": 10000.0,

@@ -1,0 +1,60 @@
+"""`pdlightning bench` end to end on the smoke config: results, table, plots, ratios."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pdlightning.eval.bench import BenchConfig, pareto
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pareto_frontier_by_brute_force():
+    pts = [(1.0, 0.5, "a"), (2.0, 0.9, "b"), (3.0, 0.8, "c"), (0.5, 0.1, "d"), (2.0, 0.5, "e")]
+    assert sorted(pareto(pts)) == ["a", "b", "d"]
+
+
+def test_bench_config_refuses_unknown_keys_and_models(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("modles: {}\n")
+    with pytest.raises(ValueError, match="unknown keys"):
+        BenchConfig.from_yaml(bad)
+    bad.write_text("models: {}\ndecoders: [{name: AR, model: nope, decoder: autoregressive}]\n")
+    with pytest.raises(ValueError, match="unknown model"):
+        BenchConfig.from_yaml(bad)
+
+
+def test_every_shipped_bench_config_loads():
+    for path in sorted((ROOT / "configs/bench").glob("*.yaml")):
+        cfg = BenchConfig.from_yaml(path)
+        assert cfg.decoders and cfg.baseline in {d.name for d in cfg.decoders}
+        for spec in cfg.models.values():
+            assert all((ROOT / c).exists() for c in spec.configs)
+
+
+@pytest.mark.slow
+def test_bench_smoke_writes_results_with_ratios_against_ar(tmp_path: Path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "pdlightning.cli", "bench", "--config", "configs/bench/smoke.yaml",
+         "--out_dir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "results.json").read_text())
+    results = summary["results"]
+    assert set(results) == {"AR", "diffusion", "Fast-dLLM", "PD", "PD-DA"}
+    assert results["AR"]["speedup_vs_ar"] == pytest.approx(1.0)
+    for r in results.values():
+        assert r["n"] == 3 and 0.0 <= r["fact_accuracy"] <= 1.0
+        assert r["critical_path_vs_ar"] == pytest.approx(r["critical_path"] / results["AR"]["critical_path"])
+    assert results["diffusion"]["critical_path"] == pytest.approx(32)  # steps = budget
+    assert [row["value"] for row in summary["sweeps"]["PD/step_ratio"]] == [0.5, 1.0]
+    assert "| PD |" in (tmp_path / "results.md").read_text()
+    for name in ("latency_vs_quality.png", "critical_path.png", "sweep_PD_step_ratio.png"):
+        assert (tmp_path / name).stat().st_size > 1000
