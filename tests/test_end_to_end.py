@@ -92,3 +92,17 @@ def test_export_writes_a_directory_every_decoder_loads(trained: Path, tmp_path: 
     text = "<topic>name 1</topic><async>Her name is Ann.</async>" + a.spec.end
     ids = a.tokenizer.encode(text, add_special_tokens=False)
     assert parse(a.tokenizer.decode(ids), a.spec).span_texts() == ["Her name is Ann."]
+
+
+@pytest.mark.slow
+def test_evaluate_alpaca_command_writes_alpaca_eval_outputs(trained: Path, tmp_path: Path):
+    from pdlightning.eval.alpaca_cli import main
+
+    prompts = tmp_path / "alpaca.json"
+    prompts.write_text(json.dumps([{"instruction": p, "dataset": "test"} for p in PROMPTS]))
+    assert main(["alpaca", "--prompts", str(prompts), "--checkpoint", str(trained / "hf"), "--decoder", "planned",
+                 "--out", str(tmp_path / "out"), "--max_new_tokens", "48", "--r", "0.5"]) == 0
+    rows = json.loads((tmp_path / "out/model_outputs.json").read_text())
+    assert [r["instruction"] for r in rows] == PROMPTS
+    assert all(r["generator"] == "planned" and isinstance(r["output"], str) for r in rows)
+    assert all(r["critical_path"] > 0 and r["latency_s"] > 0 for r in rows)
