@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -32,6 +33,22 @@ class PDLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
         parser.link_arguments("data.tokenizer", "model.tokenizer", apply_on="instantiate")
         parser.link_arguments("data.spec", "model.spec", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        """``--ckpt_path last`` resumes from the newest ``last.ckpt`` under the run's root.
+
+        Lightning looks for ``last`` only in the checkpoint directory of the new
+        run, which a versioned logger makes a fresh, empty one.
+        """
+        cfg = self.config.get(self.subcommand) if self.subcommand else None
+        if cfg is None or cfg.get("ckpt_path") != "last":
+            return
+        root = Path(cfg.trainer.default_root_dir or ".")
+        found = sorted(root.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise SystemExit(f"--ckpt_path last: no last.ckpt under {root}")
+        cfg.ckpt_path = str(found[-1])
+        print(f"resuming from {found[-1]}")
 
 
 def build_cli(args: list[str], run: bool = True) -> PDLightningCLI:

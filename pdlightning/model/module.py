@@ -168,6 +168,12 @@ class PlannedDiffusionModule(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         terms = self.loss_terms(batch, self._generator(batch.input_ids.device))
         n = len(batch)
+        loss = terms.loss
+        if self.trainer.world_size > 1:
+            # normalise by the mean target count over ranks, so that averaging the ranks'
+            # gradients gives the token mean of the global batch, as one process would
+            mean_count = self.trainer.strategy.reduce(terms.n_targets.float(), reduce_op="mean")
+            loss = terms.total_sum / mean_count.clamp_min(1)
         self.log("train/loss", terms.loss, prog_bar=True, batch_size=n)
         if terms.ar_count > 0:
             self.log("train/ar_loss", terms.ar_sum / terms.ar_count, batch_size=n)
@@ -178,7 +184,7 @@ class PlannedDiffusionModule(L.LightningModule):
             self.train_masked_accuracy.update(terms.masked_correct / terms.masked_count)
             self.log("train/masked_accuracy", self.train_masked_accuracy, batch_size=n)
         self.log("train/mode_planned", float(batch.mode == "planned"), batch_size=n)
-        return terms.loss
+        return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         generator = torch.Generator(device=batch.input_ids.device).manual_seed(self.seed + batch_idx)

@@ -46,6 +46,8 @@ class LossTerms:
     """Sums and counts of one batch, so metrics can aggregate exactly."""
 
     loss: torch.Tensor
+    total_sum: torch.Tensor  # numerator of ``loss``, with gradient
+    n_targets: torch.Tensor  # denominator of ``loss``
     ar_sum: torch.Tensor
     ar_count: torch.Tensor
     diffusion_sum: torch.Tensor  # weighted by 1/t
@@ -134,9 +136,11 @@ def objective_loss(
     else:
         diffusion_sum, masked_correct, masked_count = zero, zero.long(), zero.long()
     n_targets = ar_mask.sum() + (content.sum() if noised is not None else 0)
-    loss = (ar_sum + diffusion_sum) / n_targets.clamp_min(1)
+    total = ar_sum + diffusion_sum
     return LossTerms(
-        loss=loss,
+        loss=total / n_targets.clamp_min(1),
+        total_sum=total,
+        n_targets=n_targets,
         ar_sum=ar_sum.detach(),
         ar_count=ar_mask.sum(),
         diffusion_sum=diffusion_sum.detach(),
