@@ -160,6 +160,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = open(args.output, "w") if args.output else None  # noqa: SIM115
     colour = sys.stdout.isatty()
 
+    if args.show_plan and hasattr(strategy, "on_spans"):  # planned strategies stream each finished round
+
+        def on_spans(row: int, entries: list[Any], spans: list[str]) -> None:
+            for k, (entry, span) in enumerate(zip(entries, spans, strict=False)):
+                c = COLOURS[k % len(COLOURS)] if colour else ""
+                print(f"  {c}... [{entry.topic or k}] {span.strip()}{RESET if colour else ''}", flush=True)
+
+        strategy.on_spans = on_spans
+
     def on_batch(done: list[Any]) -> None:
         for g in done:
             print(f"> {g.prompt}")

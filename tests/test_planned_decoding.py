@@ -427,3 +427,13 @@ def test_registered_and_validated():
     for bad in ({"step_ratio": 0}, {"threshold": 2.0}, {"order": "best"}, {"max_rounds": 0}):
         with pytest.raises(ValueError):
             PlannedDiffusion(**bad)
+
+
+def test_on_spans_streams_each_round_as_it_completes():
+    seen: list[tuple[int, list[str], list[str]]] = []
+    strategy = PlannedDiffusion(max_new_tokens=200)
+    strategy.on_spans = lambda row, entries, spans: seen.append((row, [e.topic for e in entries], list(spans)))
+    lm = LanguageModel(Scripted(TWO_ROUNDS), TOK, SPEC)
+    (g,) = strategy.generate(lm, ["the cat"], generator=torch.Generator().manual_seed(0))
+    assert [s[1] for s in seen] == [["name", "age"], ["summary"]]  # one call per round, in order
+    assert [span for _, _, spans in seen for span in spans] == g.spans

@@ -24,6 +24,7 @@ rows one by one (temperature 0).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -181,6 +182,9 @@ class PlannedDiffusion(DecodingStrategy):
             )
         self.step_ratio = step_ratio
         self.threshold = threshold or None
+        #: Called as ``on_spans(row, entries, spans)`` when a round's spans are complete
+        #: (``row`` indexes the current batch), e.g. to print spans as they finish.
+        self.on_spans: Callable[[int, list[PlanEntry], list[str]], None] | None = None
         self.length_scale = length_scale
         self.topic_heads = topic_heads
         self.sync = sync
@@ -475,6 +479,8 @@ class PlannedDiffusion(DecodingStrategy):
             ids = [t for t in filled[(span == k) & content].tolist() if t != pad]
             st.answer[b].extend(ids)
             st.spans[b].append(lm.tokenizer.decode(ids))
+        if self.on_spans is not None:  # stream: the round's spans are complete
+            self.on_spans(b, st.entries[b][-n_spans:], st.spans[b][-n_spans:])
         st.seq[b].extend(filled.tolist())
         st.seq[b].append(st.terminator[b])
         if st.terminator[b] == lm.spec.id("end"):
