@@ -148,3 +148,23 @@ def test_every_knob_is_validated(source, tmp_path: Path):
         PlannedDataModule(source=str(source[0]), tokenizer_path=str(source[1]), overflow="wrap")
     with pytest.raises(ValueError, match="tokenizer"):
         PlannedDataModule(source=str(source[0]))
+
+
+def test_slimorca_conversations_and_parquet_sources_load(source, tmp_path: Path):
+    import datasets
+
+    rows = [{"conversations": [
+        {"from": "system", "value": "You are helpful."},
+        {"from": "human", "value": f"Tell me about item {i}."},
+        {"from": "gpt", "value": GOOD[i]["completion"]},
+    ]} for i in range(10)]
+    path = tmp_path / "slim.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+    dm = PlannedDataModule(source=str(path), tokenizer_path=str(source[1]), cache_dir=str(tmp_path / "c"),
+                           validation_fraction=0.2, batch_size=2)
+    dm.setup()
+    assert len(dm.splits["train"]) + len(dm.splits["validation"]) == 10
+    first = dm.splits["train"][0]
+    prompt = dm.tokenizer.decode(first["prompt_ids"])
+    assert "You are helpful." in prompt and "Tell me about item" in prompt  # system turn kept
+    assert first["response"].startswith("Item ")

@@ -79,6 +79,12 @@ def bundled_files(
     return paths
 
 
+def _answer_field(text: Any) -> str:
+    """``tagged`` for an answer already carrying plan tags (canonical or PASTA), else ``response``."""
+    tagged = isinstance(text, str) and ("<async" in text or "<topic>" in text or "<promise>" in text)
+    return "tagged" if tagged else "response"
+
+
 def _normalise_row(row: dict[str, Any]) -> dict[str, Any]:
     """Map the accepted input forms to ``prompt`` / ``response`` / ``tagged`` / ``system``."""
     out: dict[str, Any] = {"prompt": None, "response": None, "tagged": None, "system": None, "answer_keys": None}
@@ -89,18 +95,16 @@ def _normalise_row(row: dict[str, Any]) -> dict[str, Any]:
                 out["system"] = value
             elif who == "human" and out["prompt"] is None:
                 out["prompt"] = value
-            elif who == "gpt" and out["response"] is None:
-                out["response"] = value
+            elif who == "gpt" and out["response"] is None and out["tagged"] is None:
+                out[_answer_field(value)] = value
     else:
         out["prompt"] = row.get("prompt", row.get("instruction"))
         out["system"] = row.get("system")
         completion = row.get("completion", row.get("response", row.get("output")))
         if row.get("tagged") is not None:
             out["tagged"], out["response"] = row["tagged"], row.get("response")
-        elif isinstance(completion, str) and ("<async" in completion or "<topic>" in completion):
-            out["tagged"] = completion
         else:
-            out["response"] = completion
+            out[_answer_field(completion)] = completion
     if row.get("answer_keys") is not None:
         out["answer_keys"] = list(row["answer_keys"])
     return out
