@@ -31,8 +31,9 @@ class Counters:
         forward_passes: Forward passes of the batch this response was decoded in.
         critical_path: Forward passes on this response's sequential path (AR:
             generated tokens; planned diffusion: plan tokens + denoising steps).
-        content_tokens: Answer tokens generated (not control, not pad).
-        control_tokens: Control tokens generated (tags, sync, end).
+        content_tokens: Answer tokens generated (``RowOutput.answer_ids``).
+        control_tokens: Everything else generated but pads: tags, plan entries,
+            topic heads, sync and end.
         pad_tokens: Pad tokens generated.
         seconds: Wall-clock seconds of the batch this response was decoded in.
     """
@@ -214,15 +215,16 @@ class DecodingStrategy(ABC):
         return results
 
     def _finish(self, lm: LanguageModel, prompt: str, row: RowOutput, passes: int, seconds: float) -> Generation:
-        spec = lm.spec
-        pad, mask = spec.id("pad"), spec.id("mask")
-        control = {spec.id(n) for n in ("plan_open", "plan_close", "span_open", "span_close", "sync", "end")}
+        pad, mask = lm.spec.id("pad"), lm.spec.id("mask")
+        n_pad = sum(t == pad for t in row.token_ids)
+        n_content = len(row.answer_ids)
         counters = Counters(
             forward_passes=passes,
             critical_path=row.critical_path,
-            content_tokens=sum(t not in control and t not in (pad, mask) for t in row.token_ids),
-            control_tokens=sum(t in control for t in row.token_ids),
-            pad_tokens=sum(t == pad for t in row.token_ids),
+            content_tokens=n_content,
+            # tags, plan entries, topic heads, sync and end: everything generated that is not answer
+            control_tokens=len(row.token_ids) - n_content - n_pad - sum(t == mask for t in row.token_ids),
+            pad_tokens=n_pad,
             seconds=seconds,
         )
         text = lm.tokenizer.decode(row.answer_ids, skip_special_tokens=True).strip()

@@ -1,0 +1,141 @@
+"""Hybrid attention masks against a brute-force reference written from the
+rules of design section 4, the worked example for both presets, and the
+invariants as properties."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pdlightning.masks import (
+    Role,
+    batch_attention_mask,
+    extension_mask,
+    hybrid_attention_mask,
+    roles,
+)
+from pdlightning.tags import CONTROL_NAMES, TagSpec
+
+SPEC = TagSpec().with_ids({n: i for i, n in enumerate(CONTROL_NAMES)})
+PO, PC, SO, SC, SY, END, PAD, MASK = range(8)
+
+
+def reference(ids: list[int], dense: bool = False) -> torch.Tensor:
+    """Loops straight from the rules: span of each position, then rule by rule."""
+    n = len(ids)
+    span, round_of, current, inside, syncs = [-1] * n, [0] * n, -1, False, 0
+    count = 0
+    for i, t in enumerate(ids):
+        if t == SO:
+            inside, current, count = True, count, count + 1
+        if inside:
+            span[i] = current
+        if t == SC:
+            inside = False
+        if t == SY:
+            syncs += 1
+        round_of[i] = syncs
+    m = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        for j in range(n):
+            if span[j] >= 0 and span[i] == span[j]:
+                m[i, j] = True  # rule 2: a span is bidirectional
+            elif j <= i and (span[j] < 0 or any(ids[k] == SY for k in range(j + 1, i + 1))):
+                m[i, j] = True  # rule 1 with rules 3-4: a span becomes visible after a later sync
+            elif dense and span[i] >= 0 and span[j] >= 0 and round_of[i] == round_of[j]:
+                m[i, j] = True  # rule 5: spans of one round see each other
+    return m
+
+
+@st.composite
+def sequences(draw: st.DrawFn) -> list[int]:
+    word = st.integers(8, 30)
+    ids = draw(st.lists(word, min_size=1, max_size=3))
+    for r in range(draw(st.integers(1, 4))):
+        n = draw(st.integers(1, 6))
+        for _ in range(n):
+            ids += [PO, draw(word), PC]
+        for _ in range(n):
+            head = [draw(word), PC] if draw(st.booleans()) else []
+            ids += [SO, *head, *draw(st.lists(st.sampled_from([*range(8, 31), PAD]), min_size=1, max_size=4)), SC]
+        ids.append(SY if draw(st.booleans()) else (END if r == 3 else SY))
+    return ids
+
+
+@settings(max_examples=150, deadline=None)
+@given(ids=sequences(), dense=st.booleans())
+def test_builder_equals_the_brute_force_reference(ids: list[int], dense: bool):
+    assert torch.equal(hybrid_attention_mask(ids, SPEC, dense=dense), reference(ids, dense))
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(sequences(), min_size=1, max_size=4), dense=st.booleans())
+def test_batches_with_right_padding_match_rows_and_never_attend_padding(rows: list[list[int]], dense: bool):
+    t = max(map(len, rows))
+    ids = torch.tensor([r + [PAD] * (t - len(r)) for r in rows])
+    lengths = torch.tensor([len(r) for r in rows])
+    m = batch_attention_mask(ids, SPEC, lengths, dense=dense)[:, 0]
+    for b, r in enumerate(rows):
+        n = len(r)
+        assert torch.equal(m[b, :n, :n], reference(r, dense))
+        assert not m[b, :n, n:].any()  # batch padding never attended
+        assert torch.equal(m[b, n:, :], torch.eye(t, dtype=torch.bool)[n:])  # padding rows: only themselves
+    assert m.diagonal(dim1=1, dim2=2).all()  # every row attends to itself
+
+
+@settings(max_examples=60, deadline=None)
+@given(ids=sequences(), cut=st.integers(0, 200), dense=st.booleans())
+def test_extension_rows_equal_the_full_mask(ids: list[int], cut: int, dense: bool):
+    p = cut % len(ids)
+    x = torch.tensor([ids])
+    assert torch.equal(extension_mask(x, SPEC, p, dense=dense), batch_attention_mask(x, SPEC, dense=dense)[:, :, p:])
+
+
+@settings(max_examples=100, deadline=None)
+@given(ids=sequences())
+def test_invariants(ids: list[int]):
+    sparse, dense = reference(ids), hybrid_attention_mask(ids, SPEC, dense=True)
+    m = hybrid_attention_mask(ids, SPEC)
+    assert torch.equal(m, sparse)
+    x = torch.tensor([ids])
+    role = roles(x, SPEC, torch.tensor([1]))[0]
+    outside = (role == Role.PROMPT) | (role == Role.PLAN)
+    # prompt and plan rows are causal among prompt and plan columns
+    sub = m[outside][:, outside]
+    assert torch.equal(sub, torch.ones_like(sub).tril())
+    # dense differs from sparse only inside spans
+    diff = (dense ^ m).nonzero().tolist()
+    in_span = (role == Role.CONTENT) | (role == Role.SCAFFOLD)
+    assert all(in_span[i] and in_span[j] for i, j in diff)
+
+
+def worked(spec: TagSpec, last: str) -> tuple[list[str], torch.Tensor]:
+    toks = ["q", spec.plan_open, "t1", "1", spec.plan_close, spec.plan_open, "t2", "1", spec.plan_close,
+            spec.span_open, "a1", "a2", spec.span_close, spec.span_open, "b1", spec.span_close, last]
+    return toks, hybrid_attention_mask(toks, spec)
+
+
+def test_worked_example_of_design_section_4_for_both_presets():
+    for preset in ("paper", "official"):
+        spec = TagSpec.preset(preset)
+        toks, m = worked(spec, spec.end)
+        prefix, span_a, span_b, eos = list(range(9)), list(range(9, 13)), list(range(13, 16)), 16
+        for i in span_a:
+            assert m[i].nonzero().squeeze(-1).tolist() == prefix + span_a  # q, plan, whole own span
+        for i in span_b:
+            assert m[i].nonzero().squeeze(-1).tolist() == prefix + span_b  # not the first span
+        assert m[eos].nonzero().squeeze(-1).tolist() == [*prefix, eos]  # EOS sees neither span
+        _, with_sync = worked(spec, spec.sync)
+        assert with_sync[16].all()  # a sync in EOS's place sees both spans
+        dense = hybrid_attention_mask(toks, spec, dense=True)
+        for i in span_a + span_b:
+            assert dense[i].nonzero().squeeze(-1).tolist() == prefix + span_a + span_b
+        assert torch.equal(dense[eos], m[eos])
+
+
+def test_roles_mark_prompt_plan_content_scaffold_and_padding():
+    ids = torch.tensor([[9, 9, PO, 10, PC, SO, 10, PC, 11, PAD, SC, END, PAD]])
+    r = roles(ids, SPEC, prompt_lengths=torch.tensor([2]), lengths=torch.tensor([12]))[0].tolist()
+    P, L, C, S, X = Role.PROMPT, Role.PLAN, Role.CONTENT, Role.SCAFFOLD, Role.PAD
+    assert r == [P, P, L, L, L, S, S, S, C, C, S, L, X]
