@@ -126,8 +126,7 @@ class Diffusion(DecodingStrategy):
         """Decode one batch of tokenised prompts; one :class:`RowOutput` per prompt."""
         if lm.shift and any(len(p) == 0 for p in prompts):
             raise ValueError("diffusion with shifted logits needs a non-empty prompt")
-        with torch.inference_mode():
-            return self._decode(lm, prompts, generator)
+        return self._decode(lm, prompts, generator)  # under inference_mode (DecodingStrategy.generate)
 
     def _decode(
         self, lm: LanguageModel, prompts: list[list[int]], generator: torch.Generator

@@ -142,8 +142,7 @@ class FastDLLM(DecodingStrategy):
         """Decode one batch of tokenised prompts; one :class:`RowOutput` per prompt."""
         if any(len(p) == 0 for p in prompts):
             raise ValueError("fast_dllm needs a non-empty prompt")
-        with torch.inference_mode():
-            return self._decode(lm, prompts, generator)
+        return self._decode(lm, prompts, generator)  # under inference_mode (DecodingStrategy.generate)
 
     def _decode(
         self, lm: LanguageModel, prompts: list[list[int]], generator: torch.Generator
