@@ -35,9 +35,22 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("smoke")
     out = cli("fit", "--config", "configs/smoke.yaml", f"--trainer.default_root_dir={root}",
               f"--trainer.logger.init_args.save_dir={root}", f"--trainer.callbacks.init_args.dirpath={root / 'hf'}",
-              f"--data.cache_dir={ROOT / '.cache/pdlightning'}")
+              f"--data.cache_dir={ROOT / '.cache/pdlightning'}",
+              "--trainer.callbacks+=pdlightning.model.callbacks.GenerationCheck",
+              "--trainer.callbacks.num_prompts=2", "--trainer.callbacks.decoder_args={max_new_tokens: 64}")
     assert out.returncode == 0, out.stderr[-3000:]
     return root
+
+
+@pytest.mark.slow
+def test_generation_check_logs_fact_accuracy_during_validation(trained: Path):
+    import csv
+
+    with next(trained.rglob("metrics.csv")).open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val/fact_accuracy_planned")]
+    assert len(rows) == 2  # once per epoch of the smoke run
+    assert all(0.0 <= float(r["val/fact_accuracy_planned"]) <= 1.0 for r in rows)
+    assert all(float(r["val/critical_path_planned"]) > 0 for r in rows)
 
 
 @pytest.mark.slow
