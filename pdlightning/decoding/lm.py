@@ -4,6 +4,7 @@ logits convention, counting forward passes. Pure torch: no Lightning.
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,7 @@ class LanguageModel:
         self.spec = spec
         self.logits_convention = logits
         self.forward_passes = 0
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(backbone.forward).parameters
 
     @property
     def shift(self) -> int:
@@ -96,6 +98,7 @@ class LanguageModel:
         position_ids: torch.Tensor,
         past_key_values: Any = None,
         use_cache: bool = False,
+        keep: torch.Tensor | None = None,
     ) -> ForwardOutput:
         """One forward pass (counted).
 
@@ -106,16 +109,25 @@ class LanguageModel:
             position_ids: ``[B, T]``.
             past_key_values: A transformers cache holding ``P`` positions, or None.
             use_cache: Return the cache extended with the new positions.
+            keep: Sorted indices ``[K]`` of the fed positions whose logits are
+                wanted (the same for every row); None = all. Backbones that
+                accept ``logits_to_keep`` skip the output head elsewhere.
+
+        Returns:
+            Logits ``[B, T, V]``, or ``[B, K, V]`` with ``keep``.
         """
         self.forward_passes += 1
+        extra = {"logits_to_keep": keep} if keep is not None and self._logits_to_keep else {}
         out = self.backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
             use_cache=use_cache,
+            **extra,
         )
-        return ForwardOutput(logits=out.logits.float(), past_key_values=out.past_key_values if use_cache else None)
+        logits = out.logits if keep is None or extra else out.logits[:, keep]
+        return ForwardOutput(logits=logits.float(), past_key_values=out.past_key_values if use_cache else None)
 
     def new_cache(self) -> Any:
         """An empty KV cache for this backbone."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -79,6 +80,25 @@ def parse_plan(ids: list[int], lm: LanguageModel) -> tuple[list[PlanEntry], list
     if stray:
         repairs.append("text outside plan entries ignored")
     return entries, repairs
+
+
+@dataclass
+class _Feed:
+    """The layout of one pass: per row, the logical positions fed and the mask over the cache.
+
+    Attributes:
+        pos: ``[B, K]`` logical position fed in each column (clamped where not valid).
+        valid: ``[B, K]`` which columns feed a real position (the others are holes).
+        lens: ``[B]`` positions fed per row.
+        cols: ``[B, C + K]`` logical position of every cache column after the pass, -1 = hole.
+        mask: ``[B, 1, K, C + K]`` bool attention mask.
+    """
+
+    pos: torch.Tensor
+    valid: torch.Tensor
+    lens: torch.Tensor
+    cols: torch.Tensor
+    mask: torch.Tensor
 
 
 class _State:
@@ -228,36 +248,23 @@ class PlannedDiffusion(DecodingStrategy):
 
     # ------------------------------------------------------------------ forward
 
-    def _forward(
-        self,
-        lm: LanguageModel,
-        st: _State,
-        x: torch.Tensor,
-        lengths: torch.Tensor,
-        active: torch.Tensor,
-        keep: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pass over the uncached tail ``x[b, n_cached[b]:lengths[b]]`` of every active row.
+    def _feed(
+        self, lm: LanguageModel, st: _State, x: torch.Tensor, lengths: torch.Tensor, active: torch.Tensor
+    ) -> _Feed:
+        """What a pass over the uncached tail ``x[b, n_cached[b]:lengths[b]]`` of every active row feeds.
 
         Args:
             lm: The model.
-            st: Batch state (cache, ``n_cached``, ``col_pos``).
+            st: Batch state (``n_cached``, ``col_pos``).
             x: Logical ids ``[B, L]``, right padded.
             lengths: Valid length of each row ``[B]``.
             active: Rows fed ``[B]`` bool; the others are all holes.
-            keep: Keep the fed positions in the cache (else crop them again).
-
-        Returns:
-            Logits ``[B, K, V]`` (index ``i`` = logical position ``n_cached + i``)
-            and the number of positions fed per row ``[B]``.
         """
         n = st.n_cached
         lens = torch.where(active, lengths - n, torch.zeros_like(n))
-        k = int(lens.max())
-        ar = torch.arange(k, device=x.device)
+        ar = torch.arange(int(lens.max()), device=x.device)
         valid = ar < lens[:, None]
         pos = n[:, None] + ar
-        ids = torch.where(valid, x.gather(1, pos.clamp(max=x.shape[1] - 1)), lm.spec.id("pad"))
         logical = structure(x, lm.spec, lengths)
         cols = torch.cat([st.col_pos, torch.where(valid, pos, -1)], dim=1)
         safe = cols.clamp(min=0)
@@ -268,23 +275,50 @@ class PlannedDiffusion(DecodingStrategy):
             valid=cols >= 0,
         )
         mask = mask_from_structure(physical, dense=self.dense, rows_from=st.col_pos.shape[1])
+        return _Feed(pos=pos.clamp(max=x.shape[1] - 1), valid=valid, lens=lens, cols=cols, mask=mask)
+
+    def _forward(
+        self, lm: LanguageModel, st: _State, x: torch.Tensor, feed: _Feed, want: torch.Tensor, keep: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass as laid out by ``feed``, returning logits only where ``want`` says.
+
+        Args:
+            lm: The model.
+            st: Batch state (cache, ``n_cached``, ``col_pos``).
+            x: Logical ids ``[B, L]`` (the fed positions are read now).
+            feed: From :meth:`_feed` with the same cache state.
+            want: ``[B, L]`` bool, logical positions whose logits are needed.
+            keep: Keep the fed positions in the cache (else crop them again).
+
+        Returns:
+            Logits ``[B, K, V]`` and ``slot [B, L]``: the index into ``K`` of a
+            logical position's logits (-1 = not computed).
+        """
+        ids = torch.where(feed.valid, x.gather(1, feed.pos), lm.spec.id("pad"))
+        wanted = want.gather(1, feed.pos) & feed.valid
+        columns = wanted.any(0).nonzero().squeeze(1)
+        index = torch.full((ids.shape[1],), -1, dtype=torch.long, device=x.device)
+        index[columns] = torch.arange(len(columns), device=x.device)
+        slot = torch.full_like(x, -1)
+        slot[feed.valid.nonzero(as_tuple=True)[0], feed.pos[feed.valid]] = index.expand_as(ids)[feed.valid]
         out = lm.forward(
             ids,
-            mask,
-            torch.where(valid, pos, 0),
+            feed.mask,
+            torch.where(feed.valid, feed.pos, 0),
             past_key_values=st.cache,
             use_cache=st.cache is not None,
+            keep=columns,
         )
         if st.cache is not None:
             if keep:
-                st.col_pos, st.n_cached = cols, n + lens
+                st.col_pos, st.n_cached = feed.cols, st.n_cached + feed.lens
             else:
-                st.cache.crop(-k)
+                st.cache.crop(-ids.shape[1])
         logits = out.logits
         if logits.shape[-1] > len(lm.tokenizer):  # padded embedding rows are not tokens
             logits = logits.clone()
             logits[..., len(lm.tokenizer) :] = float("-inf")
-        return logits, lens
+        return logits, slot
 
     @staticmethod
     def _pack(
@@ -318,10 +352,13 @@ class PlannedDiffusion(DecodingStrategy):
             active = torch.zeros(len(st.seq), dtype=torch.bool, device=lm.device)
             active[rows] = True
             x, lengths = self._pack(lm, st.seq, lm.spec.id("pad"))
-            logits, lens = self._forward(lm, st, x, lengths, active, keep=True)
             idx = torch.tensor(rows, device=lm.device)
+            want = torch.zeros_like(x, dtype=torch.bool)
+            want[idx, lengths[idx] - 1] = True
+            feed = self._feed(lm, st, x, lengths, active)
+            logits, slot = self._forward(lm, st, x, feed, want, keep=True)
             toks, _ = sample_tokens(
-                logits[idx, lens[idx] - 1], generator, self.temperature, self.top_p, self.top_k
+                logits[idx, slot[idx, lengths[idx] - 1]], generator, self.temperature, self.top_p, self.top_k
             )
             st.critical[idx] += 1
             for b, tok in zip(rows, toks.tolist(), strict=True):
@@ -426,11 +463,15 @@ class PlannedDiffusion(DecodingStrategy):
         steps = torch.ceil(self.step_ratio * longest.double()).long().clamp(min=1)
         taken = torch.zeros_like(steps)
         forbidden = torch.tensor([spec.id(n) for n in _FORBIDDEN_IN_SPANS], device=dev)
+        # The round's layout (and so its mask) is fixed: rows that finish early are still fed.
+        feed = self._feed(lm, st, x, lengths, is_mask.any(1))
         while bool(is_mask.any()):
             active = is_mask.any(1)
-            logits, _ = self._forward(lm, st, x, lengths, active, keep=False)
+            want = torch.zeros_like(is_mask)
+            want[:, : want.shape[1] - lm.shift] = is_mask[:, lm.shift :]
+            logits, slot = self._forward(lm, st, x, feed, want, keep=False)
             bi, pi = is_mask.nonzero(as_tuple=True)
-            lg = logits[bi, pi - st.n_cached[bi] - lm.shift]
+            lg = logits[bi, slot[bi, pi - lm.shift]]
             lg[:, forbidden] = float("-inf")
             tokens, probs = sample_tokens(lg, generator, self.temperature, self.top_p, self.top_k)
             scores = unmask_scores(probs, tokens, self.order, generator)
