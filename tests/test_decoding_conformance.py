@@ -35,7 +35,7 @@ from pdlightning.tokenizer import ROLE_TOKENS, format_prompt
 TOK, SPEC = mock_tokenizer()
 END, PAD, MASK, SO, SC, PC = (SPEC.id(n) for n in ("end", "pad", "mask", "span_open", "span_close", "plan_close"))
 ROLE_IDS = set(TOK.convert_tokens_to_ids(list(ROLE_TOKENS)))
-PROMPTS = ["the cat", "a dog ran in the park", "red"]
+PROMPTS = ["the cat", "a dog ran in the park", "the"]
 MAX_NEW = 40
 STRATEGIES = list_strategies()
 
@@ -333,7 +333,7 @@ def test_validation():
 class MyStrategy(DecodingStrategy):
     """A user's strategy: greedy, uncached, one prompt at a time, never emits ``banned``."""
 
-    def __init__(self, banned: int = -1, **kwargs: object) -> None:
+    def __init__(self, banned: int | None = None, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.banned = banned
 
@@ -347,7 +347,8 @@ class MyStrategy(DecodingStrategy):
                 n = len(seq)
                 mask = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
                 logits = lm.forward(torch.tensor([seq]), mask, torch.arange(n)[None]).logits[0, -1].clone()
-                logits[self.banned] = float("-inf")
+                if self.banned is not None:
+                    logits[self.banned] = float("-inf")
                 out.append(int(logits.argmax()))
                 seq.append(out[-1])
             rows.append(RowOutput(out, [t for t in out if t != lm.spec.id("end")], len(out)))

@@ -202,7 +202,8 @@ def check_well_formed(g, max_new_tokens: int = 200) -> None:
     assert MASK not in g.token_ids
     assert len(g.token_ids) <= max_new_tokens
     assert g.token_ids[-1] in (END, SY) or any("length cap" in r for r in g.repairs)
-    assert g.text == "".join(g.spans).strip()
+    # the spans carry the answer, in order (each span decodes without its leading space)
+    assert "".join(g.text.split()) == "".join("".join(g.spans).split())
 
 
 # ----------------------------------------------------------------------------- scripted plans

@@ -21,7 +21,7 @@ from pdlightning.data.collate import MODES, Batch, Mode, add_stochastic_pads, co
 from pdlightning.data.preprocess import LayoutOptions, preprocess_row
 from pdlightning.data.sources import bundled_files, load_rows
 from pdlightning.tags import TagSpec
-from pdlightning.tokenizer import add_control_tokens, build_tokenizer, load_spec, save_spec
+from pdlightning.tokenizer import TOKENIZER_VERSION, add_control_tokens, build_tokenizer, load_spec, save_spec
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ class PlannedDataModule(L.LightningDataModule):
 
         files = bundled_files(self.cache_dir, self.bundled_sizes, self.seed, spec)
         preset = "".join(c for c in spec.plan_open if c.isalnum())
-        directory = Path(files["train"]).parent / f"tokenizer-{preset}-{spec.length_unit}-{vocab_size}"
+        directory = Path(files["train"]).parent / f"tokenizer-v{TOKENIZER_VERSION}-{preset}-{spec.length_unit}-{vocab_size}"
         if (directory / "tokenizer.json").exists():
             return PreTrainedTokenizerFast.from_pretrained(directory), load_spec(directory)
         rows = load_rows("bundled", self.cache_dir, self.bundled_sizes, self.seed, spec=spec)["train"]
