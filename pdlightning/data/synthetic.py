@@ -268,6 +268,8 @@ class _Part:
     text: str
     keys: list[str]
     depends: bool = False
+    subject: str | None = None
+    """What the part is about, for its elaboration (see :data:`ELABORATIONS`); None = no elaboration."""
 
 
 @dataclass
@@ -290,10 +292,11 @@ class _Field:
 
 
 def _field_parts(rng: random.Random, fields: dict[str, _Field], chosen: Sequence[str],
-                 values: dict[str, object]) -> list[_Part]:
+                 values: dict[str, object], subject: str) -> list[_Part]:
     """One part per chosen field, each from a random template of that field."""
     return [
-        _Part(fields[f].topic, rng.choice(fields[f].templates).format(**values), list(fields[f].keys))
+        _Part(fields[f].topic, rng.choice(fields[f].templates).format(**values), list(fields[f].keys),
+              subject=subject)
         for f in chosen
     ]
 
@@ -366,7 +369,8 @@ def _profile(rng: random.Random, depends: bool) -> _Draft:
         "This profile is about {full}.",
         "Let me introduce {full}, the person in this profile.",
     )).format(**values)
-    parts = [_Part("name", name_text, [full]), *_field_parts(rng, fields, chosen, values)]
+    parts = [_Part("name", name_text, [full], subject=first),
+             *_field_parts(rng, fields, chosen, values, first)]
     if depends:
         lines.append(rng.choice(("End with a one sentence summary.", "Finish with a short summary.")))
         text = rng.choice((
@@ -439,7 +443,8 @@ def _product(rng: random.Random, depends: bool) -> _Draft:
         "Meet the {name}, {a_kind} {kind} designed for {use}.",
         "Here is the {name}, a good choice for {use}.",
     )).format(**values)
-    parts = [_Part("product", intro, [name, use]), *_field_parts(rng, fields, chosen, values)]
+    parts = [_Part("product", intro, [name, use], subject=name),
+             *_field_parts(rng, fields, chosen, values, name)]
     if depends:
         total = price + shipping
         lines.append(rng.choice((
@@ -473,7 +478,7 @@ def _itinerary(rng: random.Random, depends: bool) -> _Draft:
     parts = []
     for i, (city, place) in enumerate(stops):
         text = rng.choice(templates).format(day=NUMBER_WORDS[i], city=city, place=place)
-        parts.append(_Part(f"day {NUMBER_WORDS[i]}", text, [city, place]))
+        parts.append(_Part(f"day {NUMBER_WORDS[i]}", text, [city, place], subject=city))
     if depends:
         cities = [city for city, _ in stops]
         lines.append(rng.choice(("End with a summary of the cities.", "Finish by listing all the cities.")))
@@ -508,7 +513,7 @@ def _howto(rng: random.Random, depends: bool) -> _Draft:
     parts = []
     for i, (action, m) in enumerate(steps):
         text = rng.choice(templates).format(k=NUMBER_WORDS[i], action=action, m=m)
-        parts.append(_Part(f"step {NUMBER_WORDS[i]}", text, [action, f"{m} minutes"]))
+        parts.append(_Part(f"step {NUMBER_WORDS[i]}", text, [action, f"{m} minutes"], subject=action))
     if depends:
         total = sum(m for _, m in steps)
         lines.append(rng.choice(("Finish with the total time.", "End by giving the total time needed.")))
@@ -549,7 +554,7 @@ def _recipe(rng: random.Random, depends: bool) -> _Draft:
         "To make it, you will need {q}, {p}.",
     )
     parts = [
-        _Part(name, rng.choice(templates).format(q=quantity, p=prep), [f"{quantity}, {prep}"])
+        _Part(name, rng.choice(templates).format(q=quantity, p=prep), [f"{quantity}, {prep}"], subject=name)
         for name, quantity, prep in items
     ]
     if depends:
@@ -582,7 +587,8 @@ def _city_report(rng: random.Random, depends: bool) -> _Draft:
     lines = [instruction, *(f"{city}: {', '.join(f)}" for city, f in zip(cities, facts, strict=True))]
     templates = ("{city} has {facts}.", "In {city} there are {facts}.", "The city of {city} has {facts}.")
     parts = [
-        _Part(city.lower(), rng.choice(templates).format(city=city, facts=_join_and(f)), [city, *f])
+        _Part(city.lower(), rng.choice(templates).format(city=city, facts=_join_and(f)), [city, *f],
+              subject=city)
         for city, f in zip(cities, facts, strict=True)
     ]
     if depends:
@@ -616,7 +622,7 @@ def _shopping(rng: random.Random, depends: bool) -> _Draft:
     )
     parts = [
         _Part(item, rng.choice(templates).format(a=_article(item), item=item, shop=shop, p=p),
-              [item, f"{p} dollars", shop])
+              [item, f"{p} dollars", shop], subject=item)
         for item, shop, p in rows
     ]
     if depends:
@@ -650,7 +656,7 @@ def _animals(rng: random.Random, depends: bool) -> _Draft:
         "You can find the {a} in the {h}. It is {c}, eats {d} and weighs {w} kg.",
     )
     parts = [
-        _Part(a, rng.choice(templates).format(a=a, c=c, h=h, d=d, w=w), [a, c, h, d, f"{w} kg"])
+        _Part(a, rng.choice(templates).format(a=a, c=c, h=h, d=d, w=w), [a, c, h, d, f"{w} kg"], subject=a)
         for a, c, h, d, w in rows
     ]
     if depends:
@@ -665,6 +671,70 @@ def _animals(rng: random.Random, depends: bool) -> _Draft:
             text = rng.choice((f"The {key} of these animals.", f"Of all of them, the {key}."))
         parts.append(_Part("comparison", text, [key], depends=True))
     return _Draft("animals", "\n".join(lines), parts)
+
+
+ELABORATIONS: dict[str, tuple[str, ...]] = {
+    "profile": (
+        "Friends of {s} often bring this up when they talk about {s}.",
+        "It is one of the first things people learn about {s}.",
+        "This says quite a lot about the kind of person {s} is.",
+        "{s} is always happy to talk about it with anyone who asks.",
+    ),
+    "product": (
+        "Many buyers of the {s} say that this matters to them.",
+        "Reviews of the {s} often point this out as a strong point.",
+        "Because of this, the {s} is a solid pick for everyday use.",
+        "Keep this in mind when you compare the {s} with other models.",
+    ),
+    "itinerary": (
+        "Take your time there and try the local food in {s}.",
+        "Start early, as {s} can get quite busy later in the day.",
+        "Many travelers call this the highlight of a visit to {s}.",
+        "Save some time in the evening for a quiet walk around {s}.",
+    ),
+    "howto": (
+        "Take care to {s} properly before you move on.",
+        "Do not rush this part, because the next steps depend on it.",
+        "Have your tools ready so that you can {s} without a break.",
+        "If you are unsure, it is fine to {s} a second time.",
+    ),
+    "recipe": (
+        "Using good {s} makes a real difference to the taste of the dish.",
+        "Measure the {s} carefully before you start cooking.",
+        "You can find {s} in most shops and markets.",
+        "Keep the {s} close at hand, as you will need it early on.",
+    ),
+    "city_report": (
+        "These numbers give a good first picture of life in {s}.",
+        "Local people in {s} are proud of the numbers.",
+        "Visitors to {s} often notice this within a few days.",
+        "The city council of {s} shares these numbers every year.",
+    ),
+    "shopping": (
+        "I think that the {s} was worth the money.",
+        "I had wanted a new {s} for quite a while.",
+        "The {s} looks good and seems to be well made.",
+        "I will probably use the {s} every day from now on.",
+    ),
+    "animals": (
+        "Scientists still study how the {s} lives in the wild.",
+        "Many people are surprised to learn these facts about the {s}.",
+        "The {s} is a common sight in books about nature.",
+        "Zoo visitors often stop to watch the {s} for a long time.",
+    ),
+}
+"""Per family, sentences that follow each independent part (``{s}`` = the part's subject).
+
+They carry no fact, like most of a real answer's words; they make parts long
+enough (about 25 tokens) that filling them in parallel pays for the plan."""
+
+
+def _elaborate(rng: random.Random, draft: _Draft) -> _Draft:
+    """Follow every part that has a subject with one of its family's elaborations."""
+    for part in draft.parts:
+        if part.subject is not None:
+            part.text = f"{part.text} {rng.choice(ELABORATIONS[draft.family]).format(s=part.subject)}"
+    return draft
 
 
 _FAMILIES: dict[str, Callable[[random.Random, bool], _Draft]] = {
@@ -760,7 +830,7 @@ def generate_split(split: str, n: int, seed: int = 0) -> list[dict]:
         if attempts > 100 * n + 1000:  # pragma: no cover - would mean a broken family
             raise RuntimeError(f"could not generate {n} unique {split} examples")
         builder = rng.choice(builders)
-        draft = builder(rng, len(examples) % DEPENDS_BLOCK == depends_slot)
+        draft = _elaborate(rng, builder(rng, len(examples) % DEPENDS_BLOCK == depends_slot))
         if draft.prompt in seen or prompt_split(draft.prompt) != split:
             continue
         if not _within_bounds(draft.parts):
