@@ -21,7 +21,13 @@ from pdlightning.data.collate import MODES, Batch, Mode, add_stochastic_pads, co
 from pdlightning.data.preprocess import LayoutOptions, preprocess_row
 from pdlightning.data.sources import bundled_files, load_rows
 from pdlightning.tags import TagSpec
-from pdlightning.tokenizer import TOKENIZER_VERSION, add_control_tokens, build_tokenizer, load_spec, save_spec
+from pdlightning.tokenizer import (
+    TOKENIZER_VERSION,
+    add_control_tokens,
+    build_tokenizer,
+    load_spec,
+    save_spec,
+)
 
 log = logging.getLogger(__name__)
 
