@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import PreTrainedTokenizerFast
 
 from pdlightning.decoding.lm import load_tokenizer
@@ -45,3 +47,33 @@ def test_save_and_load_keep_vocabulary_ids_and_spec(tmp_path: Path):
     assert again.encode(text, add_special_tokens=False) == tok.encode(text, add_special_tokens=False)
     assert load_spec(tmp_path) == spec and load_spec(tmp_path).ids == spec.ids
     assert again.chat_template == tok.chat_template
+
+
+# ----------------------------------------------------------------------------- the bundled tokenizer
+
+_TOK, _SPEC = build_tokenizer(TEXTS * 4, TagSpec(), vocab_size=320, min_frequency=1)
+_TEXT = st.lists(st.sampled_from([*"Ann Lee31.\n :-é", "<async>", "</topic>", "<sync/>"]), max_size=40).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_TEXT)
+def test_decode_inverts_encode_for_any_text(text: str):
+    ids = _TOK.encode(text, add_special_tokens=False)
+    assert _TOK.decode(ids) == text
+
+
+def test_a_word_is_one_token_sequence_at_line_start_after_a_space_and_alone():
+    """What lets a small model copy a name: the same ids in the prompt, a line and a span."""
+    def ids(text: str) -> list[int]:
+        return _TOK.encode(text, add_special_tokens=False)
+
+    name = ids("Ann")
+    assert ids("Name: Ann")[-len(name):] == name
+    assert ids("She is 31.\nAnn")[-len(name):] == name
+    assert ids("x<async>Ann")[-len(name):] == name
+    assert _TOK.decode(ids("Ann Lee.\n") + ids("She lives in Paris.")) == "Ann Lee.\nShe lives in Paris."
+
+
+def test_numbers_are_split_into_digits_with_the_space_on_the_first():
+    tokens = _TOK.convert_ids_to_tokens(_TOK.encode("is 31", add_special_tokens=False))
+    assert tokens[-2:] == ["\u01203", "1"]  # 'Ġ3', '1'
