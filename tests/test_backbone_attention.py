@@ -60,3 +60,17 @@ def test_changing_an_invisible_token_leaves_logits_unchanged(ids: list[int], den
             assert not torch.allclose(a, b)
     else:
         assert torch.allclose(a, b, atol=1e-5), f"row {row} changed when invisible column {col} did"
+
+
+def test_a_local_checkpoint_is_loaded_for_training_with_its_dropout_on(tmp_path):
+    """from_pretrained returns eval mode; Lightning keeps module modes, so the builder must not."""
+    config = {"model_type": "qwen2", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": VOCAB, "attention_dropout": 0.5}
+    build_backbone(config=config).save_pretrained(tmp_path)
+    model = build_backbone(pretrained=str(tmp_path), attn_implementation="eager", vocab_size=VOCAB + 2)
+    assert all(m.training for m in model.modules())
+    ids = torch.arange(8)[None]
+    torch.manual_seed(0)
+    a = model(input_ids=ids).logits
+    b = model(input_ids=ids).logits
+    assert not torch.allclose(a, b)  # dropout is active

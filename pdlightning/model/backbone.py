@@ -79,7 +79,10 @@ def build_backbone(
             model = model.to(torch_dtype)
     if vocab_size is not None and model.get_input_embeddings().num_embeddings != vocab_size:
         model.resize_token_embeddings(vocab_size, mean_resizing=False)
-    return model
+    # from_pretrained returns the model in eval mode, and Lightning keeps each
+    # module's mode at the start of fit: without this a checkpoint would be
+    # fine-tuned with its dropout off.
+    return model.train()
 
 
 def count_parameters(model: torch.nn.Module) -> int:
