@@ -51,7 +51,7 @@ class PDLightningCLI(LightningCLI):
         print(f"resuming from {found[-1]}")
 
 
-def build_cli(args: list[str], run: bool = True) -> PDLightningCLI:
+def build_cli(args: list[str] | None, run: bool = True) -> PDLightningCLI:
     """Instantiate the Lightning CLI (``run=False``: parse and build, do not run)."""
     from pdlightning.data.datamodule import PlannedDataModule
     from pdlightning.model.module import PlannedDiffusionModule
@@ -116,6 +116,7 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in LIGHTNING_SUBCOMMANDS:
         print(f"pdlightning: unknown subcommand {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    build_cli(argv)
+    build_cli(None if from_command_line else argv)  # None: LightningCLI reads sys.argv (no warning)
     return 0
 
 
