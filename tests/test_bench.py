@@ -58,3 +58,31 @@ def test_bench_smoke_writes_results_with_ratios_against_ar(tmp_path: Path):
     assert "| PD |" in (tmp_path / "results.md").read_text()
     for name in ("latency_vs_quality.png", "critical_path.png", "sweep_PD_step_ratio.png"):
         assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_init_from_starts_a_model_from_an_earlier_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from pdlightning.eval import bench
+
+    path = tmp_path / "b.yaml"
+    path.write_text("models:\n  b: {configs: [x.yaml], init_from: a}\n  a: {configs: [x.yaml]}\n"
+                    "decoders: [{name: AR, model: a, decoder: autoregressive}]\n")
+    with pytest.raises(ValueError, match="not a model listed before it"):
+        BenchConfig.from_yaml(path)
+    path.write_text(f"out_dir: {tmp_path}\nmodels:\n  a: {{configs: [x.yaml]}}\n  b: {{configs: [x.yaml], init_from: a}}\n"
+                    "decoders: [{name: AR, model: a, decoder: autoregressive}]\n")
+    cfg = BenchConfig.from_yaml(path)
+    calls: list[list[str]] = []
+
+    def fake_fit(args: list[str], env: dict) -> subprocess.CompletedProcess:
+        calls.append(args)
+        hf = Path(next(a.split("=", 1)[1] for a in args if a.startswith("--trainer.callbacks.dirpath=")))
+        hf.mkdir(parents=True)
+        (hf / "model.safetensors").write_text("weights")
+        return subprocess.CompletedProcess(args, 0)
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_fit)
+    trained: dict[str, Path] = {}
+    for name, spec in cfg.models.items():
+        trained[name] = bench.train_model(name, spec, cfg, trained)
+    assert not any("pretrained" in a for a in calls[0])
+    assert f"--model.backbone.pretrained={tmp_path / 'models/a/hf'}" in calls[1]

@@ -119,3 +119,21 @@ def test_evaluate_alpaca_command_writes_alpaca_eval_outputs(trained: Path, tmp_p
     assert [r["instruction"] for r in rows] == PROMPTS
     assert all(r["generator"] == "planned" and isinstance(r["output"], str) for r in rows)
     assert all(r["critical_path"] > 0 and r["latency_s"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_training_can_start_from_an_exported_model(trained: Path, tmp_path: Path):
+    """``--model.backbone.pretrained`` (the bench's ``init_from``): the run starts from those weights.
+
+    With a learning rate of 0 the exported result must equal the source exactly."""
+    out = cli("fit", "--config", "configs/smoke.yaml", f"--model.backbone.pretrained={trained / 'hf'}",
+              "--model.optimizer.init_args.lr=0.0",
+              f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+              f"--trainer.callbacks.init_args.dirpath={tmp_path / 'hf'}", f"--data.cache_dir={ROOT / '.cache/pdlightning'}",
+              "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0")
+    assert out.returncode == 0, out.stderr[-3000:]
+    source = LanguageModel.from_pretrained(trained / "hf").backbone.state_dict()
+    result = LanguageModel.from_pretrained(tmp_path / "hf").backbone.state_dict()
+    assert source.keys() == result.keys()
+    for k, v in source.items():
+        assert torch.equal(v, result[k]), k

@@ -27,10 +27,16 @@ from pdlightning.eval.metrics import FactAccuracy, PlanValidity, SpanLengthError
 
 @dataclass
 class ModelSpec:
-    """A model to train: config files and command-line overrides for ``pdlightning fit``."""
+    """A model to train: config files and command-line overrides for ``pdlightning fit``.
+
+    ``init_from`` names a model listed before this one: training starts from
+    its exported weights (``--model.backbone.pretrained``), e.g. two models
+    that share an AR warm-up and differ only in their last stage.
+    """
 
     configs: list[str]
     overrides: list[str] = field(default_factory=list)
+    init_from: str | None = None
 
 
 @dataclass
@@ -76,6 +82,11 @@ class BenchConfig:
         raw["decoders"] = [DecoderSpec(**d) for d in raw.get("decoders") or []]
         raw["sweeps"] = [SweepSpec(**s) for s in raw.get("sweeps") or []]
         cfg = cls(**raw)
+        names = list(cfg.models)
+        for k, (name, spec) in enumerate(cfg.models.items()):
+            if spec.init_from is not None and spec.init_from not in names[:k]:
+                raise ValueError(f"{path}: model {name!r} starts from {spec.init_from!r}, "
+                                 "which is not a model listed before it")
         for d in cfg.decoders:
             if d.model not in cfg.models:
                 raise ValueError(f"{path}: decoder row {d.name!r} uses unknown model {d.model!r}")
@@ -87,8 +98,10 @@ class BenchConfig:
 # --------------------------------------------------------------------------- training
 
 
-def train_model(name: str, spec: ModelSpec, cfg: BenchConfig) -> Path:
-    """Run ``pdlightning fit`` for one model unless its export already exists."""
+def train_model(name: str, spec: ModelSpec, cfg: BenchConfig, trained: dict[str, Path] | None = None) -> Path:
+    """Run ``pdlightning fit`` for one model unless its export already exists.
+
+    ``trained`` maps the models trained so far to their exports (for ``init_from``)."""
     root = Path(cfg.out_dir) / "models" / name
     hf = root / "hf"
     if (hf / "model.safetensors").exists():
@@ -102,6 +115,7 @@ def train_model(name: str, spec: ModelSpec, cfg: BenchConfig) -> Path:
         f"--trainer.logger.init_args.save_dir={root}",
         f"--data.cache_dir={cfg.cache_dir}",
         f"--seed_everything={cfg.seed}",
+        *([f"--model.backbone.pretrained={(trained or {})[spec.init_from]}"] if spec.init_from else []),
         *spec.overrides,
         "--trainer.callbacks+=pdlightning.model.callbacks.ExportHF",
         f"--trainer.callbacks.dirpath={hf}",
@@ -249,7 +263,9 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    checkpoints = {name: train_model(name, spec, cfg) for name, spec in cfg.models.items()}
+    checkpoints: dict[str, Path] = {}
+    for name, spec in cfg.models.items():  # in order: init_from refers to an earlier model
+        checkpoints[name] = train_model(name, spec, cfg, checkpoints)
     prompts = load_prompts(cfg)
     lms = {name: LanguageModel.from_pretrained(path) for name, path in checkpoints.items()}
     results: dict[str, dict[str, Any]] = {}
