@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = run(cfg)
     pd, ar = summary["results"]["PD"], summary["results"]["AR"]
     print(
-        f"PD is {pd['speedup_vs_ar']:.2f}x faster than AR with {pd['critical_path_vs_ar']:.2f}x its critical path "
+        f"PD runs at {pd['speedup_vs_ar']:.2f}x AR's speed with {pd['critical_path_vs_ar']:.2f}x its critical path "
         f"and {100 * pd['fact_accuracy_minus_ar']:+.1f} points of fact accuracy "
         f"({100 * pd['fact_accuracy']:.1f}% vs {100 * ar['fact_accuracy']:.1f}%)."
     )
