@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from pdlightning.data import synthetic as syn
 
-TOPIC = re.compile(r"[a-z]+( [a-z]+){0,2}")
+TOPIC = re.compile(r"\w+( \w+){0,2}")
 FIELDS = {"id", "split", "family", "prompt", "response", "parts", "answer_keys"}
 
 
@@ -140,6 +140,10 @@ def test_example_structure(sample: list[dict]) -> None:
         for part in parts:
             assert set(part) == {"topic", "text", "depends"}
             assert TOPIC.fullmatch(part["topic"]), part["topic"]
+            # a plan copies its topics: an independent part's from the prompt's words for its fact,
+            # a closing part's from the instruction that asks for it
+            source = example["prompt"] if not part["depends"] else example["prompt"].lower()
+            assert re.search(rf"(?<!\w){re.escape(part['topic'])}(?!\w)", source), (part["topic"], source)
             assert "\n" not in part["text"] and part["text"] == part["text"].strip()
             assert any(k in part["text"] for k in example["answer_keys"]), part
         assert all(k and k in example["response"] for k in example["answer_keys"])

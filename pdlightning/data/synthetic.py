@@ -6,13 +6,17 @@ in a fifth of the examples (one at a random place in every block of five), a
 closing part that depends on the earlier ones (a comparison, a total, a count
 or a summary), which the prompt asks for. The parts map directly onto the
 spans of a planned-diffusion response: ``topic`` names the span, ``depends``
-marks the part that must wait behind a ``<sync/>``.
+marks the part that must wait behind a ``<sync/>``. The topic of an independent
+part is the words the prompt uses for its fact (``Favourite color`` for the line
+``Favourite color: pink``, ``Day 2``, ``Paris``, ``flour``), so writing a plan
+is copying from the prompt, not paraphrasing it; a closing part's topic
+(``summary``, ``total price``) comes from the instruction that asks for it.
 
 Every example is a JSON-serialisable dict::
 
     {"id": "train-000123", "split": "train", "family": "profile",
      "prompt": "...", "response": "...",
-     "parts": [{"topic": "name", "text": "...", "depends": False}, ...],
+     "parts": [{"topic": "Name", "text": "...", "depends": False}, ...],
      "answer_keys": ["Ann Lee", "31", "Paris", ...]}
 
 with ``response == "\\n".join(p["text"] for p in parts)`` and every answer key
@@ -283,12 +287,16 @@ class _Draft:
 
 @dataclass(frozen=True)
 class _Field:
-    """One optional fact of a record: its prompt line, topic, sentence templates and keys."""
+    """One optional fact of a record: its prompt line, sentence templates and keys."""
 
     line: str
-    topic: str
     templates: tuple[str, ...]
     keys: tuple[str, ...]
+
+    @property
+    def topic(self) -> str:
+        """The line's label (``Favourite color`` in ``Favourite color: pink``)."""
+        return self.line.partition(":")[0]
 
 
 def _field_parts(rng: random.Random, fields: dict[str, _Field], chosen: Sequence[str],
@@ -314,39 +322,39 @@ def _profile(rng: random.Random, depends: bool) -> _Draft:
         "color": color, "language": language, "food": food,
     }
     fields = {
-        "age": _Field(f"Age: {age}", "age", (
+        "age": _Field(f"Age: {age}", (
             "{first} is {age} years old.",
             "{first} is now {age} years of age.",
             "At the moment, {first} is {age} years old.",
         ), (str(age),)),
-        "city": _Field(f"City: {city}", "home city", (
+        "city": _Field(f"City: {city}", (
             "{first} lives in the city of {city}.",
             "The home city of {first} is {city}.",
             "These days, {first} has a home in {city}.",
         ), (city,)),
-        "job": _Field(f"Job: {job}", "job", (
+        "job": _Field(f"Job: {job}", (
             "{first} works as {a_job} {job}.",
             "By trade, {first} is {a_job} {job}.",
             "{first} earns a living as {a_job} {job}.",
         ), (job,)),
-        "hobby": _Field(f"Hobby: {hobby}", "hobby", (
+        "hobby": _Field(f"Hobby: {hobby}", (
             "In free time, {first} enjoys {hobby}.",
             "The favourite hobby of {first} is {hobby}.",
             "{first} likes to spend weekends on {hobby}.",
         ), (hobby,)),
-        "pet": _Field(f"Pet: a {pet} named {pet_name}", "pet", (
+        "pet": _Field(f"Pet: a {pet} named {pet_name}", (
             "{first} has a pet {pet} called {pet_name}.",
             "{first} lives with a {pet} named {pet_name}.",
         ), (pet, pet_name)),
-        "color": _Field(f"Favourite color: {color}", "favourite color", (
+        "color": _Field(f"Favourite color: {color}", (
             "The favourite color of {first} is {color}.",
             "{first} likes the color {color} best.",
         ), (color,)),
-        "language": _Field(f"Language: {language}", "language", (
+        "language": _Field(f"Language: {language}", (
             "{first} speaks {language} at home.",
             "The main language of {first} is {language}.",
         ), (language,)),
-        "food": _Field(f"Favourite food: {food}", "favourite food", (
+        "food": _Field(f"Favourite food: {food}", (
             "The favourite food of {first} is {food}.",
             "{first} loves to eat {food} for dinner.",
         ), (food,)),
@@ -369,7 +377,7 @@ def _profile(rng: random.Random, depends: bool) -> _Draft:
         "This profile is about {full}.",
         "Let me introduce {full}, the person in this profile.",
     )).format(**values)
-    parts = [_Part("name", name_text, [full], subject=first),
+    parts = [_Part("Name", name_text, [full], subject=first),
              *_field_parts(rng, fields, chosen, values, first)]
     if depends:
         lines.append(rng.choice(("End with a one sentence summary.", "Finish with a short summary.")))
@@ -395,32 +403,32 @@ def _product(rng: random.Random, depends: bool) -> _Draft:
         "color": color, "material": material,
     }
     fields = {
-        "price": _Field(f"Price: {price} dollars", "price", (
+        "price": _Field(f"Price: {price} dollars", (
             "The {name} costs {price} dollars.",
             "The {name} sells for {price} dollars.",
             "The price of the {name} is {price} dollars.",
         ), (f"{price} dollars",)),
-        "color": _Field(f"Color: {color}", "color", (
+        "color": _Field(f"Color: {color}", (
             "The {name} comes in a {color} finish.",
             "You can get the {name} in {color}.",
         ), (color,)),
-        "material": _Field(f"Material: {material}", "material", (
+        "material": _Field(f"Material: {material}", (
             "The {name} is made of {material}.",
             "The body of the {name} is built from {material}.",
         ), (material,)),
-        "weight": _Field(f"Weight: {weight} kg", "weight", (
+        "weight": _Field(f"Weight: {weight} kg", (
             "The {name} weighs only {weight} kg.",
             "The {name} has a weight of {weight} kg.",
         ), (f"{weight} kg",)),
-        "warranty": _Field(f"Warranty: {years}", "warranty", (
+        "warranty": _Field(f"Warranty: {years}", (
             "The {name} comes with a warranty of {years}.",
             "The warranty on the {name} lasts {years}.",
         ), (years,)),
-        "rating": _Field(f"Rating: {rating} out of 5", "rating", (
+        "rating": _Field(f"Rating: {rating} out of 5", (
             "Buyers rate the {name} {rating} out of 5 stars.",
             "The {name} has a rating of {rating} out of 5 from buyers.",
         ), (f"{rating} out of 5",)),
-        "shipping": _Field(f"Shipping: {shipping} dollars", "shipping", (
+        "shipping": _Field(f"Shipping: {shipping} dollars", (
             "Shipping the {name} costs {shipping} dollars.",
             "Delivery adds {shipping} dollars to the price.",
         ), (f"{shipping} dollars",)),
@@ -443,13 +451,13 @@ def _product(rng: random.Random, depends: bool) -> _Draft:
         "Meet the {name}, {a_kind} {kind} designed for {use}.",
         "Here is the {name}, a good choice for {use}.",
     )).format(**values)
-    parts = [_Part("product", intro, [name, use], subject=name),
+    parts = [_Part("Product", intro, [name, use], subject=name),
              *_field_parts(rng, fields, chosen, values, name)]
     if depends:
         total = price + shipping
         lines.append(rng.choice((
             "End with the total price with shipping.",
-            "Finish by giving the total cost with shipping.",
+            "Finish by giving the total price, shipping included.",
         )))
         text = rng.choice((
             "With shipping, the {name} costs {total} dollars in total.",
@@ -478,10 +486,10 @@ def _itinerary(rng: random.Random, depends: bool) -> _Draft:
     parts = []
     for i, (city, place) in enumerate(stops):
         text = rng.choice(templates).format(day=NUMBER_WORDS[i], city=city, place=place)
-        parts.append(_Part(f"day {NUMBER_WORDS[i]}", text, [city, place], subject=city))
+        parts.append(_Part(f"Day {i + 1}", text, [city, place], subject=city))
     if depends:
         cities = [city for city, _ in stops]
-        lines.append(rng.choice(("End with a summary of the cities.", "Finish by listing all the cities.")))
+        lines.append(rng.choice(("End with a summary of the cities.", "Finish with a short summary of the cities.")))
         text = rng.choice((
             "Overall, the trip covers {cities}.",
             "In total, you will see {n} cities: {cities}.",
@@ -513,7 +521,7 @@ def _howto(rng: random.Random, depends: bool) -> _Draft:
     parts = []
     for i, (action, m) in enumerate(steps):
         text = rng.choice(templates).format(k=NUMBER_WORDS[i], action=action, m=m)
-        parts.append(_Part(f"step {NUMBER_WORDS[i]}", text, [action, f"{m} minutes"], subject=action))
+        parts.append(_Part(f"Step {i + 1}", text, [action, f"{m} minutes"], subject=action))
     if depends:
         total = sum(m for _, m in steps)
         lines.append(rng.choice(("Finish with the total time.", "End by giving the total time needed.")))
@@ -558,12 +566,12 @@ def _recipe(rng: random.Random, depends: bool) -> _Draft:
         for name, quantity, prep in items
     ]
     if depends:
-        lines.append(rng.choice(("End by counting the ingredients.", "Finish with the number of ingredients.")))
+        lines.append(rng.choice(("End by giving the number of ingredients.", "Finish with the number of ingredients.")))
         text = rng.choice((
             "In total, the {dish} needs {n} ingredients.",
             "That makes {n} ingredients for the {dish}.",
         )).format(dish=dish, n=n)
-        parts.append(_Part("ingredient count", text, [f"{n} ingredients"], depends=True))
+        parts.append(_Part("number of ingredients", text, [f"{n} ingredients"], depends=True))
     return _Draft("recipe", "\n".join(lines), parts)
 
 
@@ -587,7 +595,7 @@ def _city_report(rng: random.Random, depends: bool) -> _Draft:
     lines = [instruction, *(f"{city}: {', '.join(f)}" for city, f in zip(cities, facts, strict=True))]
     templates = ("{city} has {facts}.", "In {city} there are {facts}.", "The city of {city} has {facts}.")
     parts = [
-        _Part(city.lower(), rng.choice(templates).format(city=city, facts=_join_and(f)), [city, *f],
+        _Part(city, rng.choice(templates).format(city=city, facts=_join_and(f)), [city, *f],
               subject=city)
         for city, f in zip(cities, facts, strict=True)
     ]
@@ -601,7 +609,7 @@ def _city_report(rng: random.Random, depends: bool) -> _Draft:
         else:
             key = f"{best} has the most {metric}"
             text = rng.choice((f"Of these cities, {key}.", f"Looking at the numbers, {key}."))
-        parts.append(_Part("comparison", text, [key], depends=True))
+        parts.append(_Part(f"most {metric}", text, [key], depends=True))
     return _Draft("city_report", "\n".join(lines), parts)
 
 
@@ -669,7 +677,7 @@ def _animals(rng: random.Random, depends: bool) -> _Draft:
         else:
             key = f"{best} is the heaviest"
             text = rng.choice((f"The {key} of these animals.", f"Of all of them, the {key}."))
-        parts.append(_Part("comparison", text, [key], depends=True))
+        parts.append(_Part("heaviest", text, [key], depends=True))
     return _Draft("animals", "\n".join(lines), parts)
 
 
