@@ -9,7 +9,7 @@ import torch
 
 from pdlightning.data.collate import IGNORE, collate
 from pdlightning.masks import Role
-from pdlightning.model.objective import Noised, add_noise, diffusion_scoring, objective_loss
+from pdlightning.model.objective import Noised, add_noise, objective_loss, scoring_positions
 from pdlightning.tags import CONTROL_NAMES, TagSpec
 
 SPEC = TagSpec().with_ids({n: i for i, n in enumerate(CONTROL_NAMES)})
@@ -81,10 +81,32 @@ def test_hand_computed_total_with_uniform_logits():
 
 
 def test_aligned_convention_scores_a_token_at_its_own_position():
-    logits = torch.arange(2 * 4 * 3, dtype=torch.float).view(2, 4, 3)
-    assert torch.equal(diffusion_scoring(logits, "aligned"), logits)
-    shifted = diffusion_scoring(logits, "shifted")
-    assert torch.equal(shifted[:, 2], logits[:, 1])
+    masked = torch.tensor([[False, False, True, True], [False, True, False, False]])
+    assert torch.equal(scoring_positions(masked, "aligned"), masked)
+    shifted = scoring_positions(masked, "shifted")
+    assert shifted.tolist() == [[False, True, True, False], [True, False, False, False]]
+    with pytest.raises(ValueError, match="position 0"):
+        scoring_positions(torch.tensor([[True, False]]), "shifted")
+
+
+def test_logits_given_only_where_needed_give_the_same_terms():
+    prompt, response = planned_example()
+    batch = collate([prompt] * 4, [response] * 4, SPEC, "planned")
+    noised = add_noise(batch, MASK, generator=torch.Generator().manual_seed(1))
+    logits = torch.randn(*batch.input_ids.shape, V, generator=torch.Generator().manual_seed(2))
+    asked: list[torch.Tensor] = []
+
+    def at(needed: torch.Tensor) -> torch.Tensor:
+        asked.append(needed)
+        return logits[needed]
+
+    for convention in ("shifted", "aligned"):
+        full = objective_loss(logits, batch, noised, convention)
+        part = objective_loss(at, batch, noised, convention)
+        assert part.loss.item() == pytest.approx(full.loss.item(), rel=1e-6)
+        assert (part.ar_correct, part.masked_correct) == (full.ar_correct, full.masked_correct)
+    # only scoring positions are asked for: never the prompt's, never the ones after the last target
+    assert not asked[0][:, : len(prompt) - 1].any() and asked[0].sum() < asked[0].numel() / 2
 
 
 def test_noise_never_touches_plan_prompt_or_scaffold():

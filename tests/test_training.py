@@ -136,3 +136,52 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path: Path):
     apart = sum((wa[k] - wb[k]).norm() ** 2 for k in wa) ** 0.5
     assert moved > 0
     assert apart < 0.05 * moved, f"DDP differs from one process by {apart:.3g} (training moved {moved:.3g})"
+
+
+def _tiny_module():
+    from pdlightning.model.module import BackboneConfig, PlannedDiffusionModule
+    from pdlightning.tags import TagSpec
+    from pdlightning.tokenizer import build_tokenizer
+
+    texts = ["Name: Ann Lee\nAge: 31", "Ann is 31 years old. She lives in Paris."] * 20
+    tokenizer, spec = build_tokenizer(texts, TagSpec(), vocab_size=300)
+    config = {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "tie_word_embeddings": True}
+    torch.manual_seed(0)
+    return PlannedDiffusionModule(tokenizer=tokenizer, spec=spec, backbone=BackboneConfig(config=config))
+
+
+def test_the_output_head_runs_only_where_a_token_is_scored_with_the_same_loss_and_gradients():
+    from pdlightning.data.collate import collate
+
+    module = _tiny_module()
+    tok, spec = module.tokenizer, module.spec
+    prompt = tok.encode("Name: Ann Lee\nAge: 31\n", add_special_tokens=False)
+    words = tok.encode("Ann is 31 years old.", add_special_tokens=False)
+    po, pc, so, sc = (spec.id(n) for n in ("plan_open", "plan_close", "span_open", "span_close"))
+    response = [po, *words[:1], pc, so, *words, spec.id("pad"), sc, spec.id("end")]
+    batch = collate([prompt] * 3, [response] * 3, spec, "planned")
+    runs = []
+    for separable in (True, False):
+        module._separable_head = separable
+        module.zero_grad()
+        terms = module.loss_terms(batch, torch.Generator().manual_seed(0))
+        terms.loss.backward()
+        runs.append((terms, [p.grad.clone() for p in module.parameters()]))
+    (fast, fast_grads), (full, full_grads) = runs
+    assert fast.masked_count > 0 and fast.masked_count == full.masked_count
+    assert fast.loss.item() == pytest.approx(full.loss.item(), rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(fast_grads, full_grads, strict=True))
+
+
+def test_an_output_head_the_forward_does_more_than_apply_is_not_split():
+    module = _tiny_module()
+    assert module._head_is_separable()  # Qwen2: logits = lm_head(last hidden state)
+    module = _tiny_module()
+
+    def scale(_, __, out):  # what Cohere's forward does after the head (logit_scale)
+        out.logits = 0.5 * out.logits
+
+    module.backbone.register_forward_hook(scale)
+    assert not module._head_is_separable()
+    assert module.backbone.training  # the check leaves the mode as it found it

@@ -129,6 +129,7 @@ class PlannedDiffusionModule(L.LightningModule):
         if bc.gradient_checkpointing:
             self.backbone.gradient_checkpointing_enable()
         self._noise_generator: torch.Generator | None = None
+        self._separable_head: bool | None = None
         metrics = {
             "ar_loss": torchmetrics.SumMetric(),
             "ar_count": torchmetrics.SumMetric(),
@@ -160,10 +161,45 @@ class PlannedDiffusionModule(L.LightningModule):
         if batch.mode != "autoregressive":
             noised = add_noise(batch, self.spec.id("mask"), self.objective.t_min, generator)
             ids = noised.input_ids
-        logits = self(ids, batch.attention_mask)
+        logits: Any
+        if self._head_is_separable():  # the output head runs only where a token is scored
+            hidden = self.backbone.base_model(
+                input_ids=ids, attention_mask=batch.attention_mask, use_cache=False
+            ).last_hidden_state
+            head = self.backbone.get_output_embeddings()
+
+            def logits(needed: torch.Tensor) -> torch.Tensor:
+                return head(hidden[needed])
+        else:
+            logits = self(ids, batch.attention_mask)
         return objective_loss(
             logits, batch, noised, self.objective.logits, ar_loss_over_t=self.objective.ar_loss_over_t
         )
+
+    def _head_is_separable(self) -> bool:
+        """Whether the backbone's logits are its output head applied to its base model's last hidden state.
+
+        True for the usual decoder LMs (Qwen2, Llama, Dream); False where the
+        forward does more (logit soft-capping or scaling) or the parts are not
+        exposed. Checked once, on a few tokens, in eval mode and without grad.
+        """
+        if self._separable_head is None:
+            bb = self.backbone
+            head, base = bb.get_output_embeddings(), bb.base_model
+            ok = isinstance(head, torch.nn.Module) and base is not bb
+            if ok:
+                was_training = bb.training
+                bb.eval()
+                try:
+                    with torch.no_grad():
+                        ids = torch.arange(4, device=self.device)[None] % len(self.tokenizer)
+                        full = bb(input_ids=ids, use_cache=False).logits
+                        hidden = getattr(base(input_ids=ids, use_cache=False), "last_hidden_state", None)
+                        ok = hidden is not None and torch.allclose(head(hidden), full, rtol=1e-4, atol=1e-4)
+                finally:
+                    bb.train(was_training)
+            self._separable_head = ok
+        return self._separable_head
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         terms = self.loss_terms(batch, self._generator(batch.input_ids.device))

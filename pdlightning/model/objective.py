@@ -22,6 +22,7 @@ Pure torch: no Lightning.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -75,22 +76,24 @@ def add_noise(
     return Noised(input_ids=torch.where(masked, torch.full_like(ids, mask_id), ids), masked=masked, t=t)
 
 
-def diffusion_scoring(logits: torch.Tensor, convention: LogitsConvention) -> torch.Tensor:
-    """Logits that score the token at each position: ``[B, T, V]``.
+def scoring_positions(masked: torch.Tensor, convention: LogitsConvention) -> torch.Tensor:
+    """Where the logits that score the masked tokens are: ``[B, T]`` bool.
 
-    ``shifted``: position ``i`` is scored by ``logits[:, i - 1]`` (position 0 gets
-    the logits of position 0, never used since position 0 is never content).
-    ``aligned``: by ``logits[:, i]``.
+    ``shifted``: a masked token at ``i`` is scored by the logits at ``i - 1``;
+    ``aligned``: at ``i``. Either way the scoring positions are in the same
+    (row-major) order as the masked ones.
     """
     if convention == "aligned":
-        return logits
+        return masked
     if convention != "shifted":
         raise ValueError(f"unknown logits convention {convention!r}")
-    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+    if masked[:, 0].any():
+        raise ValueError("a masked token at position 0 has no previous position to be scored from")
+    return torch.cat([masked[:, 1:], torch.zeros_like(masked[:, :1])], dim=1)
 
 
 def objective_loss(
-    logits: torch.Tensor,
+    logits: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
     batch: Batch,
     noised: Noised | None,
     convention: LogitsConvention = "shifted",
@@ -99,7 +102,9 @@ def objective_loss(
     """Loss of a batch under its mode's objective.
 
     Args:
-        logits: ``[B, T, V]`` of the (noised) input.
+        logits: ``[B, T, V]`` of the (noised) input, or a function from a
+            ``[B, T]`` bool mask to the logits ``[N, V]`` at those positions
+            (row-major), so that the output head runs only where a token is scored.
         batch: The batch (``ar_labels`` hold the AR targets at their scoring positions).
         noised: Diffusion noise (None for the ``autoregressive`` baseline).
         convention: Which position scores a masked token.
@@ -110,11 +115,16 @@ def objective_loss(
         :class:`LossTerms`; ``loss`` = (AR CE sum + sum of masked CE / t) /
         (AR targets + content tokens), the mean over target tokens.
     """
-    v = logits.shape[-1]
-    zero = logits.new_zeros(())
     ar_mask = batch.ar_labels != IGNORE
+    masked = noised.masked if noised is not None else torch.zeros_like(ar_mask)
+    scoring = scoring_positions(masked, convention)
+    needed = ar_mask | scoring
+    at = logits[needed] if isinstance(logits, torch.Tensor) else logits(needed)
+    slot = torch.full(needed.shape, -1, dtype=torch.long, device=needed.device)
+    slot[needed] = torch.arange(at.shape[0], device=needed.device)
+    zero = at.new_zeros(()).float()
     if ar_mask.any():
-        ar_logits = logits[ar_mask].float()
+        ar_logits = at[slot[ar_mask]].float()
         ar_targets = batch.ar_labels[ar_mask]
         ar_ce = F.cross_entropy(ar_logits, ar_targets, reduction="none")
         if ar_loss_over_t and noised is not None:
@@ -124,15 +134,14 @@ def objective_loss(
     else:
         ar_sum, ar_correct = zero, zero.long()
     content = batch.roles == Role.CONTENT
-    if noised is not None and noised.masked.any():
-        scoring = diffusion_scoring(logits, convention)
-        m_logits = scoring[noised.masked].float().view(-1, v)
-        m_targets = batch.input_ids[noised.masked]
+    if noised is not None and masked.any():
+        m_logits = at[slot[scoring]].float()
+        m_targets = batch.input_ids[masked]
         ce = F.cross_entropy(m_logits, m_targets, reduction="none")
-        weight = (1.0 / noised.t)[:, None].expand_as(noised.masked)[noised.masked]
+        weight = (1.0 / noised.t)[:, None].expand_as(masked)[masked]
         diffusion_sum = (ce * weight).sum()
         masked_correct = (m_logits.argmax(-1) == m_targets).sum()
-        masked_count = noised.masked.sum()
+        masked_count = masked.sum()
     else:
         diffusion_sum, masked_correct, masked_count = zero, zero.long(), zero.long()
     n_targets = ar_mask.sum() + (content.sum() if noised is not None else 0)
