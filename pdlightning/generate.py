@@ -144,6 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--show-plan", action="store_true", help="show the plan and each span in colour")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--attn_implementation", default="sdpa", choices=["sdpa", "eager", "flex_attention"],
+        help="the backbone's attention (flex_attention is for GPUs)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     add_strategy_arguments(p, cls)
     args = p.parse_args(argv)
@@ -155,7 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         strategy = get_strategy(args.decoder, **strategy_kwargs(args))
     except (TypeError, ValueError) as e:
         raise SystemExit(f"pdlightning generate: {e}") from None
-    lm = LanguageModel.from_pretrained(args.checkpoint, device=args.device)
+    lm = LanguageModel.from_pretrained(
+        args.checkpoint, device=args.device, attn_implementation=args.attn_implementation
+    )
     prompts = _read_prompts(args)
     out = open(args.output, "w") if args.output else None  # noqa: SIM115
     colour = sys.stdout.isatty()

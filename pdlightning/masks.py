@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 import torch
 
@@ -205,3 +206,36 @@ def hybrid_attention_mask(
     """
     ids, spec = _ids_of(tokens, spec)
     return batch_attention_mask(ids.view(1, -1), spec, dense=dense)[0, 0]
+
+
+def check_attention(attn_implementation: str | None) -> None:
+    """Refuse an attention implementation that cannot take an arbitrary 4D mask.
+
+    ``flash_attention_2`` (and 3) take only causal or padding masks, never the
+    hybrid mask that every pdlightning objective and decoder uses.
+
+    Raises:
+        ValueError: Naming the implementation and what to use instead.
+    """
+    if attn_implementation is not None and attn_implementation.startswith("flash_attention"):
+        raise ValueError(
+            f"attn_implementation {attn_implementation!r} cannot take the hybrid attention mask that every "
+            "pdlightning objective and decoder uses; use 'flex_attention' (GPU) or 'sdpa'"
+        )
+
+
+def for_attention(mask: torch.Tensor, attn_implementation: str | None) -> Any:
+    """A 4D bool mask ``[B, 1, Q, K]`` in the form the backbone's attention takes.
+
+    ``sdpa`` and ``eager`` take the bool tensor itself. transformers'
+    ``flex_attention`` adds a tensor mask to the attention scores (a bool mask
+    would add 1 where it should block), so for it the mask becomes a
+    ``BlockMask``, which also lets flex skip the blocks no row may see.
+    """
+    check_attention(attn_implementation)
+    if attn_implementation == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        b, _, q, k = mask.shape
+        return create_block_mask(lambda bi, hi, qi, ki: mask[bi, 0, qi, ki], b, None, q, k, device=mask.device)
+    return mask

@@ -6,6 +6,7 @@ unchanged; changing one it sees changes them (so the test can fail).
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -74,3 +75,71 @@ def test_a_local_checkpoint_is_loaded_for_training_with_its_dropout_on(tmp_path)
     a = model(input_ids=ids).logits
     b = model(input_ids=ids).logits
     assert not torch.allclose(a, b)  # dropout is active
+
+
+FLEX_CONFIG = {  # head_dim 16: the smallest flex's CPU kernels are happy with
+    "model_type": "qwen2", "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+}
+FLEX_IDS = torch.tensor([
+    [9, 10, 11, PO, 12, PC, PO, 13, PC, SO, 14, 15, SC, SO, 16, SC, SY, PO, 17, PC, SO, 18, SC, END],
+    [9, 10, PO, 12, PC, SO, 13, 14, 15, 16, SC, SY, PO, 19, PC, PO, 20, PC, SO, 9, SC, SO, 8, SC],
+])
+
+
+def _twins(device: str = "cpu"):
+    sdpa = build_backbone(config=FLEX_CONFIG, vocab_size=VOCAB).to(device)
+    flex = build_backbone(config=FLEX_CONFIG, vocab_size=VOCAB, attn_implementation="flex_attention").to(device)
+    flex.load_state_dict(sdpa.state_dict())
+    return sdpa, flex
+
+
+def test_flex_attention_decodes_as_sdpa_does_under_the_hybrid_mask():
+    """flex takes the hybrid mask as a BlockMask (a bool tensor would be added to its scores).
+
+    On CPU torch runs flex forward only and compiles it per shape, so this runs
+    a prefill and one cached extension step, sparse and dense, through the
+    decoders' own forward (:meth:`LanguageModel.forward`).
+    """
+    import torch._dynamo
+
+    from pdlightning.decoding.lm import LanguageModel
+    from pdlightning.masks import batch_attention_mask
+
+    models = [LanguageModel(m, None, SPEC) for m in _twins()]
+    pos = torch.arange(FLEX_IDS.shape[1]).expand(2, -1)
+    cut = 16
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        for dense in (False, True):
+            mask = batch_attention_mask(FLEX_IDS, SPEC, dense=dense)
+            out = []
+            for lm in models:
+                cache = lm.new_cache()
+                first = lm.forward(FLEX_IDS[:, :cut], mask[:, :, :cut, :cut], pos[:, :cut], cache, use_cache=True)
+                then = lm.forward(FLEX_IDS[:, cut:], mask[:, :, cut:, :], pos[:, cut:], first.past_key_values)
+                out.append(torch.cat([first.logits, then.logits], 1))
+            assert torch.allclose(out[0], out[1], atol=1e-5), f"dense={dense}: flex and sdpa disagree"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention trains on GPUs only (no CPU backward)")
+def test_flex_attention_trains_as_sdpa_does_under_the_hybrid_mask():
+    from pdlightning.masks import batch_attention_mask, for_attention
+
+    sdpa, flex = _twins("cuda")
+    ids = FLEX_IDS.cuda()
+    mask = batch_attention_mask(ids, SPEC)
+    for m in (sdpa, flex):
+        logits = m(input_ids=ids, attention_mask=for_attention(mask, m.config._attn_implementation)).logits
+        logits.float().square().mean().backward()
+    for (name, a), b in zip(sdpa.named_parameters(), flex.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-4), name
+
+
+def test_flash_attention_is_refused_with_the_reason(tmp_path):
+    from pdlightning.decoding.lm import LanguageModel
+
+    with pytest.raises(ValueError, match="flash_attention_2.*hybrid attention mask.*flex_attention"):
+        build_backbone(config=FLEX_CONFIG, attn_implementation="flash_attention_2")
+    with pytest.raises(ValueError, match="flash_attention_2.*hybrid attention mask"):
+        LanguageModel.from_pretrained(tmp_path, attn_implementation="flash_attention_2")

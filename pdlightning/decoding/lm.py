@@ -19,6 +19,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from pdlightning.masks import check_attention, for_attention
 from pdlightning.model.backbone import LogitsConvention
 from pdlightning.tags import TagSpec
 from pdlightning.tokenizer import load_spec, save_spec
@@ -120,7 +121,7 @@ class LanguageModel:
         extra = {"logits_to_keep": keep} if keep is not None and self._logits_to_keep else {}
         out = self.backbone(
             input_ids=input_ids,
-            attention_mask=attention_mask,
+            attention_mask=for_attention(attention_mask, self.backbone.config._attn_implementation),
             position_ids=position_ids,
             past_key_values=past_key_values,
             use_cache=use_cache,
@@ -153,6 +154,7 @@ class LanguageModel:
         dtype: torch.dtype | None = None,
         trust_remote_code: bool = False,
         logits: LogitsConvention | None = None,
+        attn_implementation: str = "sdpa",
     ) -> LanguageModel:
         """Load a directory written by :meth:`save_pretrained` (or ``pdlightning export``).
 
@@ -161,6 +163,7 @@ class LanguageModel:
         """
         from pdlightning.tokenizer import add_control_tokens
 
+        check_attention(attn_implementation)
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"checkpoint directory {str(directory)!r} does not exist")
@@ -170,7 +173,11 @@ class LanguageModel:
         except FileNotFoundError:
             spec = add_control_tokens(tokenizer, TagSpec())
         backbone = AutoModelForCausalLM.from_pretrained(
-            directory, use_safetensors=True, dtype=dtype, trust_remote_code=trust_remote_code
+            directory,
+            use_safetensors=True,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
         )
         if backbone.get_input_embeddings().num_embeddings < len(tokenizer):
             backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)

@@ -12,6 +12,8 @@ from typing import Any, Literal
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from pdlightning.masks import check_attention
+
 LogitsConvention = Literal["shifted", "aligned"]
 AttnImplementation = Literal["sdpa", "eager", "flex_attention", "flash_attention_2"]
 
@@ -47,8 +49,9 @@ def build_backbone(
             scratch (used when ``pretrained`` is None; default :data:`TINY_QWEN2`).
         vocab_size: Resize the token embeddings to this size (tags added).
         attn_implementation: ``sdpa`` (default), ``eager``, ``flex_attention``
-            or ``flash_attention_2`` (GPU extra). flash-attn cannot take the
-            hybrid 4D mask, so it is refused for training with masks.
+            (needs a GPU to train: torch has no flex backward on CPU).
+            ``flash_attention_2`` cannot take the hybrid 4D mask and is
+            refused (:func:`pdlightning.masks.check_attention`).
         dtype: ``"bfloat16"``, ``"float32"``...; None keeps the checkpoint's.
         trust_remote_code: Allow custom modelling code of a checkpoint.
         seed: Seed of the random initialisation from a config.
@@ -56,6 +59,7 @@ def build_backbone(
     Returns:
         The model, embeddings resized when ``vocab_size`` is given.
     """
+    check_attention(attn_implementation)
     torch_dtype = getattr(torch, dtype) if dtype else None
     if pretrained is not None:
         model = AutoModelForCausalLM.from_pretrained(

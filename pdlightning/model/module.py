@@ -14,6 +14,7 @@ import torchmetrics
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from pdlightning.data.collate import Batch
+from pdlightning.masks import for_attention
 from pdlightning.model.backbone import AttnImplementation, LogitsConvention, build_backbone
 from pdlightning.model.objective import add_noise, objective_loss
 from pdlightning.tags import TagSpec
@@ -152,7 +153,8 @@ class PlannedDiffusionModule(L.LightningModule):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, T, V]`` for ids ``[B, T]`` under a 4D bool mask ``[B, 1, T, T]``."""
-        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        mask = for_attention(attention_mask, self.backbone.config._attn_implementation)
+        return self.backbone(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
 
     def loss_terms(self, batch: Batch, generator: torch.Generator | None = None):
         """Noise the batch as its mode requires, run the backbone, compute the loss terms."""
@@ -163,9 +165,8 @@ class PlannedDiffusionModule(L.LightningModule):
             ids = noised.input_ids
         logits: Any
         if self._head_is_separable():  # the output head runs only where a token is scored
-            hidden = self.backbone.base_model(
-                input_ids=ids, attention_mask=batch.attention_mask, use_cache=False
-            ).last_hidden_state
+            mask = for_attention(batch.attention_mask, self.backbone.config._attn_implementation)
+            hidden = self.backbone.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             head = self.backbone.get_output_embeddings()
 
             def logits(needed: torch.Tensor) -> torch.Tensor:
