@@ -77,7 +77,10 @@ class LanguageModel:
         self.spec = spec
         self.logits_convention = logits
         self.forward_passes = 0
-        self._logits_to_keep = "logits_to_keep" in inspect.signature(backbone.forward).parameters
+        params = inspect.signature(backbone.forward).parameters
+        self._logits_to_keep = "logits_to_keep" in params
+        # transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns)
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     @property
     def shift(self) -> int:
@@ -123,12 +126,13 @@ class LanguageModel:
             input_ids=input_ids,
             attention_mask=for_attention(attention_mask, self.backbone.config._attn_implementation),
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **{self._cache_arg: past_key_values},
             **extra,
         )
         logits = out.logits if keep is None or extra else out.logits[:, keep]
-        return ForwardOutput(logits=logits.float(), past_key_values=out.past_key_values if use_cache else None)
+        cache = getattr(out, self._cache_arg) if use_cache else None
+        return ForwardOutput(logits=logits.float(), past_key_values=cache)
 
     def new_cache(self) -> Any:
         """An empty KV cache for this backbone."""
