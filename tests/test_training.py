@@ -96,12 +96,15 @@ def test_resume_after_a_kill_continues_from_the_last_checkpoint(tmp_path: Path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert last is not None, "no checkpoint appeared before the kill"
+    # the smoke config's per-epoch checkpoint writes a last file too (last-v1.ckpt or
+    # last.ckpt, whichever callback comes second); `--ckpt_path last` takes the newest
+    last = max(tmp_path.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
     killed_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
     assert killed_at < 24
     out = run_cli([*args, "--ckpt_path=last"], ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"resuming from {last}" in out.stdout
-    newest = max(tmp_path.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
+    newest = max(tmp_path.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
     final = torch.load(newest, map_location="cpu", weights_only=False)
     assert final["global_step"] == 24  # 4 epochs x 6 batches, counted across the kill
     logged = [int(r["step"]) for r in metrics(newest.parents[1]) if r.get("train/loss")]
