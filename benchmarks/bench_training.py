@@ -70,7 +70,8 @@ def main() -> None:
         cfg = yaml.safe_load(f)["model"]["backbone"]["config"]
     datasets = {mode: dm.dataset("train", mode) for mode in ("autoregressive", "planned")}
     plain = datasets["autoregressive"]
-    lengths = [datasets["planned"].length(i) for i in range(len(plain))]
+    lengths = datasets["planned"].lengths()
+    plain_lengths = plain.lengths()
     index_batches = list(LengthGroupedSampler(lengths, a.batch_size, seed=0, epoch=0))[: a.steps + 2]
     results: dict = {}
     for name, mode in (("causal", "autoregressive"), ("planned", "planned")):
@@ -78,7 +79,7 @@ def main() -> None:
         batches = []
         for idx in index_batches:  # the same examples in both arms
             batch = collate([datasets[mode][i] for i in idx])
-            batch.answer_tokens = sum(len(plain.prompts[i]) + len(plain.responses[i]) for i in idx)
+            batch.answer_tokens = sum(plain_lengths[i] for i in idx)
             batches.append(batch)
         torch.manual_seed(0)
         module = PlannedDiffusionModule(tokenizer=dm.tokenizer, spec=dm.spec, backbone=BackboneConfig(config=cfg))

@@ -168,3 +168,22 @@ def test_slimorca_conversations_and_parquet_sources_load(source, tmp_path: Path)
     prompt = dm.tokenizer.decode(first["prompt_ids"])
     assert "You are helpful." in prompt and "Tell me about item" in prompt  # system turn kept
     assert first["response"].startswith("Item ")
+
+
+@pytest.mark.parametrize("mode", ["planned", "autoregressive"])
+def test_examples_are_read_row_by_row_with_the_lengths_of_their_columns(mode: str):
+    """After a filter (an indices mapping over the Arrow table), items and lengths still match the rows."""
+    import datasets
+
+    from pdlightning.data.datamodule import ExampleDataset
+
+    rng = random.Random(0)
+    rows = [{"prompt_ids": [9] * rng.randint(1, 9), "planned_ids": [10] * rng.randint(1, 9),
+             "plain_ids": [11] * rng.randint(1, 9), "keep": i % 3 != 0} for i in range(30)]
+    ds = datasets.Dataset.from_list(rows).filter(lambda r: r["keep"])
+    kept = [r for r in rows if r["keep"]]
+    column = "planned_ids" if mode == "planned" else "plain_ids"
+    examples = ExampleDataset(ds, SPEC, mode, max_pads=0, seed=0)
+    assert len(examples) == len(kept)
+    assert examples.lengths() == [len(r["prompt_ids"]) + len(r[column]) for r in kept]
+    assert [examples[i] for i in range(len(kept))] == [(r["prompt_ids"], r[column]) for r in kept]

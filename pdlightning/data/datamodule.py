@@ -44,27 +44,36 @@ class Stage:
 
 
 class ExampleDataset(Dataset):
-    """Tokenised examples laid out for one mode; pads redrawn for every epoch."""
+    """Tokenised examples laid out for one mode; pads redrawn for every epoch.
+
+    Rows are read one at a time, so a hub-sized split is never held as Python
+    lists; :meth:`lengths` reads the token counts from Arrow without the tokens.
+    """
 
     def __init__(
         self, rows: Any, spec: TagSpec, mode: Mode, max_pads: int, seed: int, epoch: int = 0
     ) -> None:
-        self.prompts: list[list[int]] = rows["prompt_ids"]
-        self.responses: list[list[int]] = rows["planned_ids" if mode == "planned" else "plain_ids"]
+        self.column = "planned_ids" if mode == "planned" else "plain_ids"
+        self.rows = rows.select_columns(["prompt_ids", self.column])
         self.spec, self.mode, self.max_pads, self.seed, self.epoch = spec, mode, max_pads, seed, epoch
 
     def __len__(self) -> int:
-        return len(self.prompts)
+        return len(self.rows)
 
     def __getitem__(self, i: int) -> tuple[list[int], list[int]]:
-        response = self.responses[i]
+        row = self.rows[i]
+        response = row[self.column]
         if self.mode == "planned":
             response = add_stochastic_pads(response, self.spec, example_rng(self.seed, self.epoch, i), self.max_pads)
-        return self.prompts[i], response
+        return row["prompt_ids"], response
 
-    def length(self, i: int) -> int:
-        """Length before padding (for grouping)."""
-        return len(self.prompts[i]) + len(self.responses[i])
+    def lengths(self) -> list[int]:
+        """Every example's length before padding (for grouping)."""
+        import pyarrow.compute as pc
+
+        table = self.rows.with_format("arrow")[:]
+        prompt = pc.list_value_length(table["prompt_ids"])
+        return pc.add(prompt, pc.list_value_length(table[self.column])).to_pylist()
 
 
 class LengthGroupedSampler(Sampler[list[int]]):
@@ -186,6 +195,7 @@ class PlannedDataModule(L.LightningDataModule):
         self.tokenizer, self.spec = self._tokenizer(tokenizer_path, base_spec, vocab_size)
         self.splits: dict[str, Any] = {}
         self.discarded: dict[str, Counter[str]] = {}
+        self._lengths: dict[tuple[str, str], list[int]] = {}
 
     # ------------------------------------------------------------------ set-up
 
@@ -295,7 +305,9 @@ class PlannedDataModule(L.LightningDataModule):
     def _loader(self, split: str, mode: Mode, epoch: int, train: bool) -> DataLoader:
         ds = self.dataset(split, mode, epoch)
         grouped = self.length_grouped or not train
-        lengths = [ds.length(i) if grouped else 0 for i in range(len(ds))]
+        if grouped and (split, mode) not in self._lengths:  # the same every epoch: pads come later
+            self._lengths[(split, mode)] = ds.lengths()
+        lengths = self._lengths[(split, mode)] if grouped else [0] * len(ds)
         trainer = getattr(self, "trainer", None)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         sampler = LengthGroupedSampler(lengths, self.batch_size, self.seed, epoch, train, rank, world)
