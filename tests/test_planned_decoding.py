@@ -396,8 +396,31 @@ def test_masks_passed_to_the_backbone_are_the_hybrid_mask(cls):
         assert torch.equal(mask, extension_mask(kid, SPEC, prefix, dense=cls.dense))
 
 
+class FeedsEverySpan(PlannedDiffusion):
+    """The sparse decoder without its shortcut: every span is fed to the end of its round."""
+
+    skip_finished_spans = False
+
+
+@pytest.mark.parametrize("step_ratio,use_cache", [(1.0, True), (0.5, True), (1.0, False)])
+def test_skipping_finished_spans_changes_nothing_but_the_work(step_ratio: float, use_cache: bool):
+    """A span that is complete is fed no more: same tokens and steps, fewer fed positions.
+
+    Span words hash exactly what each position sees, so feeding too little shows."""
+    scripts = [entry("a", 1) + entry("b", 4) + entry("c", 2) + [SY], entry("d", 3) + entry("e", 1) + [END]]
+    kw = {"prompts": PROMPTS, "batch_size": 3, "step_ratio": step_ratio, "use_cache": use_cache}
+    fast, fast_model = run(scripts, **kw)
+    full, full_model = run(scripts, cls=FeedsEverySpan, **kw)
+    for a, b in zip(fast, full, strict=True):
+        check_well_formed(a)
+        assert a.token_ids == b.token_ids and a.critical_path == b.critical_path
+    assert len(fast_model.calls) == len(full_model.calls)
+    fed = [[mask.shape[2] for _, mask in m.calls] for m in (fast_model, full_model)]
+    assert all(a <= b for a, b in zip(*fed, strict=True)) and sum(fed[0]) < sum(fed[1])
+
+
 def test_dense_mask_differs_only_between_spans_of_a_round():
-    _, sparse = run(TWO_ROUNDS)
+    _, sparse = run(TWO_ROUNDS, cls=FeedsEverySpan)
     _, dense = run(TWO_ROUNDS, cls=DensePlannedDiffusion)
     assert len(sparse.calls) == len(dense.calls)
     differing = 0

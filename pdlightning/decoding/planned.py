@@ -16,8 +16,9 @@ cache whose *physical* columns grow in lockstep; a row with fewer new tokens
 leaves holes that nothing attends. ``col_pos[b, c]`` maps a column to its
 logical position (-1 = hole), so each pass's 4D mask is the logical hybrid mask
 gathered onto the columns. Denoising passes feed the uncached tail and the
-scaffold, then are cropped from the cache; the filled spans and terminator are
-cached by the next round's first planning pass. A batch thus decodes like its
+scaffold, then are cropped from the cache; a span that is complete is fed no
+more (sparse variant: nothing else in the round sees it); the filled spans and
+terminator are cached by the next round's first planning pass. A batch thus decodes like its
 rows one by one (temperature 0).
 """
 
@@ -87,7 +88,7 @@ class _Feed:
     """The layout of one pass: per row, the logical positions fed and the mask over the cache.
 
     Attributes:
-        pos: ``[B, K]`` logical position fed in each column (clamped where not valid).
+        pos: ``[B, K]`` logical position fed in each column (any position where not valid).
         valid: ``[B, K]`` which columns feed a real position (the others are holes).
         lens: ``[B]`` positions fed per row.
         cols: ``[B, C + K]`` logical position of every cache column after the pass, -1 = hole.
@@ -169,6 +170,9 @@ class PlannedDiffusion(DecodingStrategy):
 
     #: Spans of one round attend to each other (the dense variant).
     dense: ClassVar[bool] = False
+    #: Stop feeding a span once it is complete (sparse variant only; exact, as no
+    #: other span sees it). False feeds every span to the end of the round.
+    skip_finished_spans: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -249,7 +253,13 @@ class PlannedDiffusion(DecodingStrategy):
     # ------------------------------------------------------------------ forward
 
     def _feed(
-        self, lm: LanguageModel, st: _State, x: torch.Tensor, lengths: torch.Tensor, active: torch.Tensor
+        self,
+        lm: LanguageModel,
+        st: _State,
+        x: torch.Tensor,
+        lengths: torch.Tensor,
+        active: torch.Tensor,
+        skip: torch.Tensor | None = None,
     ) -> _Feed:
         """What a pass over the uncached tail ``x[b, n_cached[b]:lengths[b]]`` of every active row feeds.
 
@@ -259,12 +269,19 @@ class PlannedDiffusion(DecodingStrategy):
             x: Logical ids ``[B, L]``, right padded.
             lengths: Valid length of each row ``[B]``.
             active: Rows fed ``[B]`` bool; the others are all holes.
+            skip: ``[B, L]`` bool, tail positions left out (finished spans that
+                nothing fed attends to); only for passes cropped from the cache.
         """
         n = st.n_cached
-        lens = torch.where(active, lengths - n, torch.zeros_like(n))
+        at = torch.arange(x.shape[1], device=x.device)
+        fed = (at >= n[:, None]) & (at < lengths[:, None]) & active[:, None]
+        if skip is not None:
+            fed &= ~skip
+        lens = fed.sum(1)
         ar = torch.arange(int(lens.max()), device=x.device)
         valid = ar < lens[:, None]
-        pos = n[:, None] + ar
+        # the fed positions of each row in order, then the others (read as holes)
+        pos = torch.argsort((~fed).to(torch.uint8), dim=1, stable=True)[:, : len(ar)]
         logical = structure(x, lm.spec, lengths)
         cols = torch.cat([st.col_pos, torch.where(valid, pos, -1)], dim=1)
         safe = cols.clamp(min=0)
@@ -275,7 +292,7 @@ class PlannedDiffusion(DecodingStrategy):
             valid=cols >= 0,
         )
         mask = mask_from_structure(physical, dense=self.dense, rows_from=st.col_pos.shape[1])
-        return _Feed(pos=pos.clamp(max=x.shape[1] - 1), valid=valid, lens=lens, cols=cols, mask=mask)
+        return _Feed(pos=pos, valid=valid, lens=lens, cols=cols, mask=mask)
 
     def _forward(
         self, lm: LanguageModel, st: _State, x: torch.Tensor, feed: _Feed, want: torch.Tensor, keep: bool
@@ -463,10 +480,24 @@ class PlannedDiffusion(DecodingStrategy):
         steps = torch.ceil(self.step_ratio * longest.double()).long().clamp(min=1)
         taken = torch.zeros_like(steps)
         forbidden = torch.tensor([spec.id(n) for n in _FORBIDDEN_IN_SPANS], device=dev)
-        # The round's layout (and so its mask) is fixed: rows that finish early are still fed.
+        # A finished span is fed no more in the sparse variant (no other span sees it,
+        # and the next round's first pass caches it); the layout changes only then.
+        n_groups = len(plans) * width
+        slot_of = torch.where(group >= 0, group, n_groups)  # n_groups: outside every span
+
+        def finished_spans() -> torch.Tensor:
+            done = torch.bincount(group[is_mask], minlength=n_groups + 1) == 0
+            done[-1] = False
+            return done
+
+        finished = finished_spans()
         feed = self._feed(lm, st, x, lengths, is_mask.any(1))
         while bool(is_mask.any()):
             active = is_mask.any(1)
+            now = finished_spans()
+            if self.skip_finished_spans and not self.dense and bool((now != finished).any()):
+                finished = now
+                feed = self._feed(lm, st, x, lengths, active, skip=finished[slot_of])
             want = torch.zeros_like(is_mask)
             want[:, : want.shape[1] - lm.shift] = is_mask[:, lm.shift :]
             logits, slot = self._forward(lm, st, x, feed, want, keep=False)
