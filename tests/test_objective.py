@@ -6,10 +6,12 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pdlightning.data.collate import IGNORE, collate
 from pdlightning.masks import Role
-from pdlightning.model.objective import Noised, add_noise, objective_loss, scoring_positions
+from pdlightning.model.objective import Noised, add_noise, draw_t, objective_loss, scoring_positions
 from pdlightning.tags import CONTROL_NAMES, TagSpec
 
 SPEC = TagSpec().with_ids({n: i for i, n in enumerate(CONTROL_NAMES)})
@@ -136,3 +138,24 @@ def test_diffusion_baseline_masks_every_answer_token_and_fills_with_end():
     assert batch.input_ids[1].tolist() == [10, 12, END, END]
     assert (batch.roles[:, 1:] == Role.CONTENT).all()
     assert batch.attention_mask.all()  # bidirectional, no padding here
+
+
+@settings(max_examples=50, deadline=None)
+@given(b=st.integers(1, 64), t_min=st.floats(0.0, 0.9), seed=st.integers(0, 2**31))
+def test_stratified_rates_put_one_example_in_each_stratum(b: int, t_min: float, seed: int):
+    t = draw_t(b, t_min, "stratified", torch.Generator().manual_seed(seed))
+    stratum = ((t - t_min) / (1 - t_min) * b).floor().long().clamp(max=b - 1)
+    assert sorted(stratum.tolist()) == list(range(b))
+    assert ((t >= t_min) & (t < 1)).all()
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "stratified"])
+def test_every_example_rate_is_uniform_either_way(sampling: str):
+    """Stratifying changes the batch's spread, not any example's distribution (same expected loss)."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.stack([draw_t(8, 0.1, sampling, g) for _ in range(4000)])  # [draws, 8]
+    for row in t.T:  # each example's rate: U(0.1, 1), so deciles hold ~10% each
+        deciles = torch.histc(row, bins=10, min=0.1, max=1.0) / len(row)
+        assert (deciles - 0.1).abs().max() < 0.03
+    spread = t.max(1).values - t.min(1).values
+    assert (spread.min() > 0.6) == (sampling == "stratified")  # a stratified batch always spans the range

@@ -188,3 +188,18 @@ def test_an_output_head_the_forward_does_more_than_apply_is_not_split():
     module.backbone.register_forward_hook(scale)
     assert not module._head_is_separable()
     assert module.backbone.training  # the check leaves the mode as it found it
+
+
+def test_objective_options_are_set_from_the_command_line_and_checked():
+    from pdlightning.cli import parse_config
+    from pdlightning.model.module import ObjectiveConfig
+
+    smoke = ["--config", str(ROOT / "configs/smoke.yaml")]
+    parsed = parse_config([*smoke, "--model.objective.t_sampling=stratified", "--model.objective.t_min=0.05"])
+    assert (parsed.model.objective.t_sampling, parsed.model.objective.t_min) == ("stratified", 0.05)
+    with pytest.raises(SystemExit):
+        parse_config([*smoke, "--model.objective.t_sampling=sobol"])
+    with pytest.raises(ValueError, match="t_min"):
+        ObjectiveConfig(t_min=1.0)
+    with pytest.raises(ValueError, match="t_sampling"):
+        ObjectiveConfig(t_sampling="sobol")

@@ -16,7 +16,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from pdlightning.data.collate import Batch
 from pdlightning.masks import for_attention
 from pdlightning.model.backbone import AttnImplementation, LogitsConvention, build_backbone
-from pdlightning.model.objective import add_noise, objective_loss
+from pdlightning.model.objective import TSampling, add_noise, objective_loss
 from pdlightning.tags import TagSpec
 
 
@@ -50,11 +50,20 @@ class ObjectiveConfig:
         logits: ``shifted`` (token i scored at i-1) or ``aligned``.
         t_min: Masking rate drawn from ``U(t_min, 1)``.
         ar_loss_over_t: Also weight the AR term by 1/t (authors' code; paper: off).
+        t_sampling: ``uniform`` (independent rates) or ``stratified`` (one rate
+            per equal stratum of the batch: same expected loss, less variance).
     """
 
     logits: LogitsConvention = "shifted"
     t_min: float = 1e-3
     ar_loss_over_t: bool = False
+    t_sampling: TSampling = "uniform"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.t_min < 1:
+            raise ValueError(f"objective.t_min must be in [0, 1), got {self.t_min}")
+        if self.t_sampling not in ("uniform", "stratified"):
+            raise ValueError(f"objective.t_sampling must be uniform or stratified, got {self.t_sampling!r}")
 
 
 @dataclass
@@ -161,7 +170,9 @@ class PlannedDiffusionModule(L.LightningModule):
         noised = None
         ids = batch.input_ids
         if batch.mode != "autoregressive":
-            noised = add_noise(batch, self.spec.id("mask"), self.objective.t_min, generator)
+            noised = add_noise(
+                batch, self.spec.id("mask"), self.objective.t_min, generator, self.objective.t_sampling
+            )
             ids = noised.input_ids
         logits: Any
         if self._head_is_separable():  # the output head runs only where a token is scored

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +58,42 @@ class LossTerms:
     masked_correct: torch.Tensor
 
 
+TSampling = Literal["uniform", "stratified"]
+
+
+def draw_t(
+    b: int,
+    t_min: float = 1e-3,
+    sampling: TSampling = "uniform",
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """One masking rate per example, each marginally ``U(t_min, 1)``.
+
+    ``uniform`` draws them independently; ``stratified`` (the low-discrepancy
+    sampler of MDLM, Sahoo et al., 2024) puts one in each of ``b`` equal strata
+    of ``[t_min, 1)`` from a single shared offset, so a batch always spans
+    low and high noise: the same expected loss, with less variance.
+
+    Returns:
+        ``[b]`` float.
+    """
+    if sampling == "uniform":
+        u = torch.rand(b, generator=generator, device=device)
+    elif sampling == "stratified":
+        offset = torch.rand(1, generator=generator, device=device)
+        u = (offset + torch.arange(b, device=device) / b) % 1.0
+    else:
+        raise ValueError(f"unknown t sampling {sampling!r}; choose uniform or stratified")
+    return t_min + (1 - t_min) * u
+
+
 def add_noise(
-    batch: Batch, mask_id: int, t_min: float = 1e-3, generator: torch.Generator | None = None
+    batch: Batch,
+    mask_id: int,
+    t_min: float = 1e-3,
+    generator: torch.Generator | None = None,
+    t_sampling: TSampling = "uniform",
 ) -> Noised:
     """Mask every content token independently with probability ``t`` (one ``t`` per example).
 
@@ -67,10 +102,11 @@ def add_noise(
         mask_id: Token id of the mask.
         t_min: ``t`` is drawn from ``U(t_min, 1)`` (clipped away from 0).
         generator: Source of randomness.
+        t_sampling: How the batch's rates are drawn (:func:`draw_t`).
     """
     ids = batch.input_ids
     b = ids.shape[0]
-    t = t_min + (1 - t_min) * torch.rand(b, generator=generator, device=ids.device)
+    t = draw_t(b, t_min, t_sampling, generator, ids.device)
     draw = torch.rand(ids.shape, generator=generator, device=ids.device)
     masked = (batch.roles == Role.CONTENT) & (draw < t[:, None])
     return Noised(input_ids=torch.where(masked, torch.full_like(ids, mask_id), ids), masked=masked, t=t)
