@@ -68,7 +68,7 @@ def test_init_from_starts_a_model_from_an_earlier_export(tmp_path: Path, monkeyp
                     "decoders: [{name: AR, model: a, decoder: autoregressive}]\n")
     with pytest.raises(ValueError, match="not a model listed before it"):
         BenchConfig.from_yaml(path)
-    path.write_text(f"out_dir: {tmp_path}\nmodels:\n  a: {{configs: [x.yaml]}}\n  b: {{configs: [x.yaml], init_from: a}}\n"
+    path.write_text(f"out_dir: {tmp_path}\nseed: 3\nmodels:\n  a: {{configs: [x.yaml]}}\n  b: {{configs: [x.yaml], init_from: a}}\n"
                     "decoders: [{name: AR, model: a, decoder: autoregressive}]\n")
     cfg = BenchConfig.from_yaml(path)
     calls: list[list[str]] = []
@@ -85,4 +85,6 @@ def test_init_from_starts_a_model_from_an_earlier_export(tmp_path: Path, monkeyp
     for name, spec in cfg.models.items():
         trained[name] = bench.train_model(name, spec, cfg, trained)
     assert not any("pretrained" in a for a in calls[0])
+    # one seed for the run: the models train on the bundled set the bench reads its prompts from
+    assert all({"--seed_everything=3", "--data.seed=3"} <= set(c) for c in calls)
     assert f"--model.backbone.pretrained={tmp_path / 'models/a/hf'}" in calls[1]

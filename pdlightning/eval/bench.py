@@ -115,6 +115,7 @@ def train_model(name: str, spec: ModelSpec, cfg: BenchConfig, trained: dict[str,
         f"--trainer.logger.init_args.save_dir={root}",
         f"--data.cache_dir={cfg.cache_dir}",
         f"--seed_everything={cfg.seed}",
+        f"--data.seed={cfg.seed}",  # the models learn the set the prompts are read from (load_prompts)
         *([f"--model.backbone.pretrained={(trained or {})[spec.init_from]}"] if spec.init_from else []),
         *spec.overrides,
         "--trainer.callbacks+=pdlightning.model.callbacks.ExportHF",
