@@ -30,6 +30,22 @@ def test_bench_config_refuses_unknown_keys_and_models(tmp_path: Path):
         BenchConfig.from_yaml(bad)
 
 
+def test_command_line_overrides_and_a_seed_replicate_gets_its_own_directory(capsys: pytest.CaptureFixture):
+    from pdlightning.eval.bench import config_from_args
+
+    quick = str(ROOT / "configs/bench/quickstart.yaml")
+    cfg = config_from_args("demo", None, quick, [])
+    assert (cfg.seed, cfg.out_dir, cfg.limit) == (0, "runs/quickstart", 60)
+    cfg = config_from_args("demo", None, quick, ["--seed", "2", "--limit", "5"])
+    assert (cfg.seed, cfg.out_dir, cfg.limit) == (2, "runs/quickstart-seed2", 5)  # never the seed-0 models
+    cfg = config_from_args("demo", None, quick, ["--seed", "2", "--out_dir", "elsewhere"])
+    assert (cfg.seed, cfg.out_dir) == (2, "elsewhere")
+    for bad, said in ((["--limit", "0"], "--limit"), (["--config", "nope.yaml"], "nope.yaml not found")):
+        with pytest.raises(SystemExit):
+            config_from_args("demo", None, quick, bad)
+        assert said in capsys.readouterr().err
+
+
 def test_every_shipped_bench_config_loads():
     for path in sorted((ROOT / "configs/bench").glob("*.yaml")):
         cfg = BenchConfig.from_yaml(path)

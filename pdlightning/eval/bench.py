@@ -307,16 +307,28 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="pdlightning bench", description=__doc__)
-    p.add_argument("--config", default="configs/bench/tiny.yaml", help="bench YAML")
+def config_from_args(prog: str, description: str | None, default: str, argv: list[str] | None) -> BenchConfig:
+    """The bench YAML named on the command line, with its command-line overrides applied."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", default=default, help="bench YAML")
     p.add_argument("--out_dir", help="override out_dir")
     p.add_argument("--limit", type=int, help="override the number of test prompts")
+    p.add_argument("--seed", type=int, help="override the run's one seed (training, data, decoding): a replicate, "
+                   "written to <out_dir>-seed<N> unless --out_dir is given")
     a = p.parse_args(argv)
+    if a.limit is not None and a.limit < 1:
+        p.error(f"--limit must be >= 1, got {a.limit}")
+    if not Path(a.config).exists():
+        p.error(f"{a.config} not found; run it from the repository root")
     cfg = BenchConfig.from_yaml(a.config)
-    if a.out_dir:
-        cfg.out_dir = a.out_dir
-    if a.limit:
-        cfg.limit = a.limit
-    run(cfg)
+    if a.seed is not None and a.seed != cfg.seed:
+        cfg.seed = a.seed
+        cfg.out_dir = f"{cfg.out_dir}-seed{a.seed}"  # never reuse models trained with another seed
+    cfg.out_dir = a.out_dir or cfg.out_dir
+    cfg.limit = a.limit or cfg.limit
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(config_from_args("pdlightning bench", __doc__, "configs/bench/tiny.yaml", argv))
     return 0

@@ -5,26 +5,13 @@ the test prompts with AR and PD, and prints the comparison table.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
-from pdlightning.eval.bench import BenchConfig, run
+from pdlightning.eval.bench import config_from_args, run
 
 CONFIG = "configs/bench/quickstart.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="pdlightning demo", description=__doc__)
-    p.add_argument("--config", default=CONFIG, help="bench YAML of the demo")
-    p.add_argument("--out_dir", help="override out_dir")
-    p.add_argument("--limit", type=int, help="number of test prompts")
-    a = p.parse_args(argv)
-    if not Path(a.config).exists():
-        raise SystemExit(f"pdlightning demo: {a.config} not found; run it from the repository root")
-    cfg = BenchConfig.from_yaml(a.config)
-    cfg.out_dir = a.out_dir or cfg.out_dir
-    cfg.limit = a.limit or cfg.limit
-    summary = run(cfg)
+    summary = run(config_from_args("pdlightning demo", __doc__, CONFIG, argv))
     pd, ar = summary["results"]["PD"], summary["results"]["AR"]
     print(
         f"PD runs at {pd['speedup_vs_ar']:.2f}x AR's speed with {pd['critical_path_vs_ar']:.2f}x its critical path "
