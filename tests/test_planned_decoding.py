@@ -8,6 +8,7 @@ from the real model and its real KV cache).
 
 from __future__ import annotations
 
+import inspect
 from types import SimpleNamespace
 
 import pytest
@@ -81,6 +82,9 @@ class Scripted(torch.nn.Module):
             )
         )
         self.weight = torch.nn.Parameter(torch.zeros(1))
+        # the inner backbone's name for the KV cache (transformers 5.24: ``cache``; before: ``past_key_values``)
+        params = inspect.signature(inner.forward).parameters if inner is not None else {}
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
         self.mirror: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # (ids of every column, mask)
 
@@ -109,7 +113,7 @@ class Scripted(torch.nn.Module):
                     input_ids=input_ids,
                     attention_mask=attention_mask,
                     position_ids=position_ids,
-                    past_key_values=cache,
+                    **{self.cache_arg: cache},
                     use_cache=use_cache,
                 ).logits.float()
                 * 10
