@@ -20,6 +20,28 @@ def test_pareto_frontier_by_brute_force():
     assert sorted(pareto(pts)) == ["a", "b", "d"]
 
 
+def test_facts_against_other_prompts_keys_by_hand_and_on_reference_answers():
+    from pdlightning.data import synthetic
+    from pdlightning.eval.metrics import fact_accuracy_against_others
+
+    keys = [["Ann", "Paris"], ["Bob", "Rome"], ["Cat"]]
+    texts = ["Ann lives in Paris", "Ann lives in Rome", "Cat"]
+    # text 0 against Bob/Rome: 0 of 2; text 1 against Ann/Paris: 1 of 2; "c" has no other prompt
+    assert fact_accuracy_against_others(texts, keys, ["a", "a", "c"]) == pytest.approx(1 / 4)
+    assert fact_accuracy_against_others(texts, keys, ["a", "b", "c"]) is None
+    # the reference answers look everything up: all their own keys, few of the others'
+    rows = synthetic.generate_split("test", 40, seed=0)
+    answers, all_keys, families = ([r[k] for r in rows] for k in ("response", "answer_keys", "family"))
+    assert all(synthetic.fact_accuracy(a, k) == 1.0 for a, k in zip(answers, all_keys, strict=True))
+    assert fact_accuracy_against_others(answers, all_keys, families) < 0.3
+    # a model that writes one answer per family, whatever the prompt, scores the same either way on average
+    first = {f: a for a, f in reversed(list(zip(answers, families, strict=True)))}
+    guesses = [first[f] for f in families]
+    own = sum(synthetic.fact_accuracy(g, k) * len(k) for g, k in zip(guesses, all_keys, strict=True))
+    own /= sum(len(k) for k in all_keys)
+    assert own < 0.5 and fact_accuracy_against_others(guesses, all_keys, families) == pytest.approx(own, abs=0.15)
+
+
 def test_bench_config_refuses_unknown_keys_and_models(tmp_path: Path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("modles: {}\n")
@@ -68,6 +90,7 @@ def test_bench_smoke_writes_results_with_ratios_against_ar(tmp_path: Path):
     assert results["AR"]["speedup_vs_ar"] == pytest.approx(1.0)
     for r in results.values():
         assert r["n"] == 3 and 0.0 <= r["fact_accuracy"] <= 1.0
+        assert r["fact_accuracy_other_prompts"] is None or 0.0 <= r["fact_accuracy_other_prompts"] <= 1.0
         assert r["critical_path_vs_ar"] == pytest.approx(r["critical_path"] / results["AR"]["critical_path"])
     assert results["diffusion"]["critical_path"] == pytest.approx(32)  # steps = budget
     assert [row["value"] for row in summary["sweeps"]["PD/step_ratio"]] == [0.5, 1.0]

@@ -86,8 +86,11 @@ def _answer_field(text: Any) -> str:
 
 
 def _normalise_row(row: dict[str, Any]) -> dict[str, Any]:
-    """Map the accepted input forms to ``prompt`` / ``response`` / ``tagged`` / ``system``."""
-    out: dict[str, Any] = {"prompt": None, "response": None, "tagged": None, "system": None, "answer_keys": None}
+    """Map the accepted input forms to ``prompt`` / ``response`` / ``tagged`` / ``system`` (and the
+    bundled set's ``answer_keys`` and ``family``)."""
+    out: dict[str, Any] = {
+        "prompt": None, "response": None, "tagged": None, "system": None, "answer_keys": None, "family": None
+    }
     if row.get("conversations") is not None:  # SlimOrca
         for turn in row["conversations"]:
             who, value = turn.get("from"), turn.get("value")
@@ -107,6 +110,7 @@ def _normalise_row(row: dict[str, Any]) -> dict[str, Any]:
             out[_answer_field(completion)] = completion
     if row.get("answer_keys") is not None:
         out["answer_keys"] = list(row["answer_keys"])
+    out["family"] = row.get("family")  # the bundled set's task family (None elsewhere)
     return out
 
 
@@ -147,7 +151,7 @@ def load_rows(
             split = raw["train"].train_test_split(test_size=validation_fraction, seed=seed)
             raw = datasets.DatasetDict({"train": split["train"], "validation": split["test"], **(
                 {"test": raw["test"]} if "test" in raw else {})})
-    keep = ["prompt", "response", "tagged", "system", "answer_keys"]
+    keep = ["prompt", "response", "tagged", "system", "answer_keys", "family"]
     return datasets.DatasetDict(
         {
             name: ds.map(_normalise_row, remove_columns=[c for c in ds.column_names if c not in keep])

@@ -42,6 +42,32 @@ class FactAccuracy(Metric):
         return self.found.float() / self.total.clamp_min(1)
 
 
+def fact_accuracy_against_others(
+    texts: Sequence[str], answer_keys: Sequence[Sequence[str]], groups: Sequence[str]
+) -> float | None:
+    """Fact accuracy of each text against the answer keys of the *other* prompts of its group.
+
+    A model that ignored its prompt and wrote its family's usual values would
+    score as well here as against its own keys, so the difference between the
+    two is what it looked up in the prompt rather than guessed.
+
+    Args:
+        texts: One answer per prompt.
+        answer_keys: The keys of each prompt.
+        groups: Each prompt's group (the bundled set's task family).
+
+    Returns:
+        The fraction of found keys over all (answer, other prompt's key) pairs;
+        None when no group holds two prompts.
+    """
+    facts = FactAccuracy()
+    for i, (text, group) in enumerate(zip(texts, groups, strict=True)):
+        others = [k for j, (k, g) in enumerate(zip(answer_keys, groups, strict=True)) if g == group and j != i]
+        if others:
+            facts.update([text] * len(others), others)
+    return float(facts.compute()) if int(facts.total) else None
+
+
 class PlanValidity(Metric):
     """Fraction of planned responses that needed no repair (every entry parsed, lengths sane)."""
 
