@@ -490,14 +490,16 @@ class PlannedDiffusion(DecodingStrategy):
             done[-1] = False
             return done
 
+        skipping = self.skip_finished_spans and not self.dense
         finished = finished_spans()
         feed = self._feed(lm, st, x, lengths, is_mask.any(1))
         while bool(is_mask.any()):
             active = is_mask.any(1)
-            now = finished_spans()
-            if self.skip_finished_spans and not self.dense and bool((now != finished).any()):
-                finished = now
-                feed = self._feed(lm, st, x, lengths, active, skip=finished[slot_of])
+            if skipping:
+                now = finished_spans()
+                if bool((now != finished).any()):
+                    finished = now
+                    feed = self._feed(lm, st, x, lengths, active, skip=finished[slot_of])
             want = torch.zeros_like(is_mask)
             want[:, : want.shape[1] - lm.shift] = is_mask[:, lm.shift :]
             logits, slot = self._forward(lm, st, x, feed, want, keep=False)

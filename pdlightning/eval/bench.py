@@ -163,10 +163,9 @@ def evaluate_row(lm: LanguageModel, decoder: str, args: dict[str, Any], prompts:
     bar.close()
     facts, validity = FactAccuracy(), PlanValidity()
     span_error, tokens = SpanLengthError(lm.spec.length_unit), TokensPerAnswer()
-    facts.update([g.text for g in gens], [p["answer_keys"] for p in prompts])
-    families = [p.get("family") for p in prompts]
-    guessed = (fact_accuracy_against_others([g.text for g in gens], [p["answer_keys"] for p in prompts], families)
-               if None not in families else None)
+    answers, keys, families = [g.text for g in gens], [p["answer_keys"] for p in prompts], [p.get("family") for p in prompts]
+    facts.update(answers, keys)
+    guessed = fact_accuracy_against_others(answers, keys, families) if None not in families else None
     validity.update(gens)
     span_error.update(gens, count_tokens)
     tokens.update(gens)
