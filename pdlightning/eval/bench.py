@@ -228,6 +228,7 @@ def plot(results: dict[str, dict[str, Any]], sweeps: dict[str, list[dict[str, An
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     files = []
     pts = [(r["latency_s"], r["fact_accuracy"], n) for n, r in results.items()]
@@ -239,6 +240,11 @@ def plot(results: dict[str, dict[str, Any]], sweeps: dict[str, list[dict[str, An
     fl = sorted((lat, q) for lat, q, n in pts if n in front)
     ax.plot([p[0] for p in fl], [100 * p[1] for p in fl], "k--", lw=1, label="Pareto frontier")
     ax.set_xscale("log")
+    # within one decade matplotlib labels every minor tick in 10^x form, and they overlap: plain numbers, fewer ticks
+    seconds = ticker.FuncFormatter(lambda v, _: f"{v:.2g}")
+    ax.xaxis.set_major_formatter(seconds)
+    ax.xaxis.set_minor_locator(ticker.LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+    ax.xaxis.set_minor_formatter(seconds)
     ax.set_xlabel("latency per response (s, log)")
     ax.set_ylabel("fact accuracy (%)")
     ax.legend()
