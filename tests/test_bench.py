@@ -111,9 +111,11 @@ def test_init_from_starts_a_model_from_an_earlier_export(tmp_path: Path, monkeyp
                     "decoders: [{name: AR, model: a, decoder: autoregressive}]\n")
     cfg = BenchConfig.from_yaml(path)
     calls: list[list[str]] = []
+    envs: list[dict] = []
 
     def fake_fit(args: list[str], env: dict) -> subprocess.CompletedProcess:
         calls.append(args)
+        envs.append(env)
         hf = Path(next(a.split("=", 1)[1] for a in args if a.startswith("--trainer.callbacks.dirpath=")))
         hf.mkdir(parents=True)
         (hf / "model.safetensors").write_text("weights")
@@ -126,4 +128,6 @@ def test_init_from_starts_a_model_from_an_earlier_export(tmp_path: Path, monkeyp
     assert not any("pretrained" in a for a in calls[0])
     # one seed for the run: the models train on the bundled set the bench reads its prompts from
     assert all({"--seed_everything=3", "--data.seed=3"} <= set(c) for c in calls)
+    # and on the bench's threads (the default 2 here), whatever the calling shell set
+    assert [e["OMP_NUM_THREADS"] for e in envs] == ["2", "2"]
     assert f"--model.backbone.pretrained={tmp_path / 'models/a/hf'}" in calls[1]

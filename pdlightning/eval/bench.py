@@ -129,7 +129,9 @@ def train_model(name: str, spec: ModelSpec, cfg: BenchConfig, trained: dict[str,
     ]
     print(f"[bench] training {name}: {' '.join(args[2:])}")
     t0 = time.time()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # training runs on the bench's `threads` too (torch would take every core: two benches
+    # side by side would then oversubscribe the CPU and slow each other several-fold)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(cfg.threads)}
     done = subprocess.run(args, env=env)
     if done.returncode != 0 or not (hf / "model.safetensors").exists():
         raise SystemExit(f"[bench] training {name} failed (exit {done.returncode})")
