@@ -30,6 +30,7 @@ import torch
 
 from pdlightning.data.synthetic import fact_accuracy
 from pdlightning.decoding import LanguageModel
+from pdlightning.decoding.dense_planned import DensePlannedDiffusion
 from pdlightning.decoding.planned import PlannedDiffusion
 from pdlightning.eval.bench import BenchConfig
 from pdlightning.layout import encode_plain, encode_response, entry_ids
@@ -38,6 +39,7 @@ from pdlightning.tags import parse
 from pdlightning.tokenizer import format_prompt
 
 PLANNED = {"planned": False, "dense_planned": True}  # model directory -> dense attention
+AUTOREGRESSIVE = ("autoregressive", "warmup")  # the other models (diffusion, ablations) are skipped
 FUNCTION_WORDS = "a an of the named called and , ."
 
 
@@ -53,6 +55,12 @@ class ReferencePlan(PlannedDiffusion):
         st.plan_start[0] = len(st.seq[0])
         st.seq[0].extend(self.plan_ids)
         st.terminator[0] = self.terminator
+
+
+class DenseReferencePlan(ReferencePlan):
+    """The same for models trained with dense attention among a round's spans."""
+
+    dense = True
 
 
 def key_token_ids(lm: LanguageModel, keys: list[str]) -> set[int]:
@@ -94,8 +102,9 @@ def lookup_accuracy(lm: LanguageModel, row: dict, dense: bool | None) -> float:
     return float((pred[probe[0]] == ids[0][probe[0]]).float().mean())
 
 
-def planned_facts(lm: LanguageModel, row: dict, reference: bool) -> float:
-    dec = ReferencePlan(max_new_tokens=600) if reference else PlannedDiffusion(max_new_tokens=600)
+def planned_facts(lm: LanguageModel, row: dict, dense: bool, reference: bool) -> float:
+    own = DensePlannedDiffusion if dense else PlannedDiffusion
+    dec = (DenseReferencePlan if dense else ReferencePlan)(max_new_tokens=600) if reference else own(max_new_tokens=600)
     if reference:
         first = parse(row["tagged"], lm.spec).rounds[0]
         dec.plan_ids = [i for e in first.entries for i in entry_ids(lm.tokenizer, lm.spec, e)]
@@ -120,15 +129,15 @@ def main() -> None:
         raise SystemExit(f"no trained models under {a.models}: run `pdlightning demo` first")
     scores: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
     for d in dirs:
-        if d.name == "diffusion":
-            continue  # no plan, no left-to-right reading: neither probe applies
+        if d.name not in PLANNED and d.name not in AUTOREGRESSIVE:
+            continue
         lm = LanguageModel.from_pretrained(d / "hf")
         dense = PLANNED.get(d.name)
         for row in rows:
             found = {f"{d.name} look-ups": lookup_accuracy(lm, row, dense)}
             if dense is not None:
-                found[f"{d.name} facts"] = planned_facts(lm, row, reference=False)
-                found[f"{d.name} facts, ref. plan"] = planned_facts(lm, row, reference=True)
+                found[f"{d.name} facts"] = planned_facts(lm, row, dense, reference=False)
+                found[f"{d.name} facts, ref. plan"] = planned_facts(lm, row, dense, reference=True)
             for col, v in found.items():
                 scores[col][row["family"]].append(v)
                 scores[col]["all"].append(v)
