@@ -5,6 +5,7 @@ tokenizer trained locally with ``tokenizers`` (nothing downloads).
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -110,6 +111,13 @@ def build_tokenizer(
         show_progress=False,
     )
     core.train_from_iterator(texts, trainer=trainer)
+    if core.get_vocab_size() < vocab_size:
+        warnings.warn(
+            f"vocab_size={vocab_size} asked, but the training text supports only "
+            f"{core.get_vocab_size()} tokens (every pair seen at least min_frequency={min_frequency} "
+            "times is merged): a larger vocab_size changes nothing",
+            stacklevel=2,
+        )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         eos_token=spec.end,

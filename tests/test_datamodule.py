@@ -45,7 +45,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         for row in GOOD + PASTA + BAD:
             f.write(json.dumps(row) + "\n")
     texts = [r["completion"] for r in GOOD + PASTA] + [str(r["prompt"]) for r in GOOD]
-    tok, spec = build_tokenizer(texts, TagSpec(), vocab_size=400, min_frequency=1)
+    tok, spec = build_tokenizer(texts, TagSpec(), vocab_size=340, min_frequency=1)
     tok_dir = root / "tokenizer"
     tok.save_pretrained(tok_dir)
     save_spec(spec, tok_dir)

@@ -3,8 +3,11 @@ here survive save and load; nothing downloads."""
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import PreTrainedTokenizerFast
@@ -19,7 +22,7 @@ TEXTS = ["Her name is Ann Lee. She is 31.\nShe lives in Paris."] * 5
 def test_every_control_string_is_one_token_for_both_presets(tmp_path: Path):
     for preset in ("paper", "official"):
         spec = TagSpec.preset(preset)
-        tok, spec = build_tokenizer(TEXTS, spec, vocab_size=300)
+        tok, spec = build_tokenizer(TEXTS, spec, vocab_size=280)
         assert set(spec.ids) == set(CONTROL_NAMES) and len(set(spec.ids.values())) == len(CONTROL_NAMES)
         for name in CONTROL_NAMES:
             text = tok.eos_token if name == "end" else getattr(spec, name)
@@ -27,7 +30,7 @@ def test_every_control_string_is_one_token_for_both_presets(tmp_path: Path):
 
 
 def test_an_existing_eos_is_the_end_token_and_a_missing_one_is_added():
-    base, _ = build_tokenizer(TEXTS, TagSpec(end="</s>"), vocab_size=300)
+    base, _ = build_tokenizer(TEXTS, TagSpec(end="</s>"), vocab_size=280)
     spec = add_control_tokens(base, TagSpec())  # the tokenizer already has "</s>" as EOS
     assert spec.id("end") == base.eos_token_id and base.eos_token == "</s>"
     bare = PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer)
@@ -37,7 +40,7 @@ def test_an_existing_eos_is_the_end_token_and_a_missing_one_is_added():
 
 
 def test_save_and_load_keep_vocabulary_ids_and_spec(tmp_path: Path):
-    tok, spec = build_tokenizer(TEXTS, TagSpec(), vocab_size=300)
+    tok, spec = build_tokenizer(TEXTS, TagSpec(), vocab_size=280)
     tok.save_pretrained(tmp_path)
     save_spec(spec, tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "qwen2"}')  # as in an exported model directory
@@ -51,7 +54,9 @@ def test_save_and_load_keep_vocabulary_ids_and_spec(tmp_path: Path):
 
 # ----------------------------------------------------------------------------- the bundled tokenizer
 
-_TOK, _SPEC = build_tokenizer(TEXTS * 4, TagSpec(), vocab_size=320, min_frequency=1)
+with warnings.catch_warnings():  # every pair merged: 320 is more than the text fills, on purpose
+    warnings.simplefilter("ignore", UserWarning)
+    _TOK, _SPEC = build_tokenizer(TEXTS * 4, TagSpec(), vocab_size=320, min_frequency=1)
 _TEXT = st.lists(st.sampled_from([*"Ann Lee31.\n :-é", "<async>", "</topic>", "<sync/>"]), max_size=40).map("".join)
 
 
@@ -77,3 +82,13 @@ def test_a_word_is_one_token_sequence_at_line_start_after_a_space_and_alone():
 def test_numbers_are_split_into_digits_with_the_space_on_the_first():
     tokens = _TOK.convert_ids_to_tokens(_TOK.encode("is 31", add_special_tokens=False))
     assert tokens[-2:] == ["\u01203", "1"]  # 'Ġ3', '1'
+
+
+def test_a_vocab_size_the_text_cannot_fill_is_reported_with_the_size_reached():
+    with pytest.warns(UserWarning, match=r"vocab_size=5000 asked, but the training text supports only (\d+) tokens") as got:
+        tok, _ = build_tokenizer(TEXTS, TagSpec(), vocab_size=5000)
+    reached = int(re.search(r"only (\d+) tokens", str(got[0].message)).group(1))
+    assert reached == len(tok) < 5000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_tokenizer(TEXTS, TagSpec(), vocab_size=reached)
