@@ -85,7 +85,8 @@ def lookup_accuracy(lm: LanguageModel, row: dict, dense: bool | None) -> float:
                 for e, s in zip(entries, spans, strict=True)]
         response = encode_response(ref, tok, spec, topic_heads=True, pads=pads)
     ids = torch.tensor([prompt + response], device=lm.device)
-    keys = torch.tensor([[t in key_token_ids(lm, row["answer_keys"]) for t in ids[0].tolist()]], device=lm.device)
+    key_ids = key_token_ids(lm, row["answer_keys"])
+    keys = torch.tensor([[t in key_ids for t in ids[0].tolist()]], device=lm.device)
     if dense is None:
         probe = keys.clone()
         probe[:, : len(prompt)] = False

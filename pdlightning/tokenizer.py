@@ -111,10 +111,10 @@ def build_tokenizer(
         show_progress=False,
     )
     core.train_from_iterator(texts, trainer=trainer)
-    if core.get_vocab_size() < vocab_size:
+    if (reached := core.get_vocab_size()) < vocab_size:
         warnings.warn(
             f"vocab_size={vocab_size} asked, but the training text supports only "
-            f"{core.get_vocab_size()} tokens (every pair seen at least min_frequency={min_frequency} "
+            f"{reached} tokens (every pair seen at least min_frequency={min_frequency} "
             "times is merged): a larger vocab_size changes nothing",
             stacklevel=2,
         )

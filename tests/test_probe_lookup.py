@@ -38,7 +38,7 @@ ROW = {
 
 def planned_layout() -> list[int]:
     """The reference in the planned layout, each span padded to its planned length."""
-    pads = [e.length * 2 - len(TOK.encode(s, add_special_tokens=False)) for e, s in zip(
+    pads = [e.length * SPEC.length_unit - len(TOK.encode(s, add_special_tokens=False)) for e, s in zip(
         REFERENCE.entries(), REFERENCE.span_texts(), strict=True)]
     return encode_response(parse(ROW["tagged"], SPEC), TOK, SPEC, topic_heads=True, pads=pads)
 
