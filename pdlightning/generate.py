@@ -159,10 +159,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         strategy = get_strategy(args.decoder, **strategy_kwargs(args))
     except (TypeError, ValueError) as e:
         raise SystemExit(f"pdlightning generate: {e}") from None
-    lm = LanguageModel.from_pretrained(
-        args.checkpoint, device=args.device, attn_implementation=args.attn_implementation
-    )
-    prompts = _read_prompts(args)
+    try:
+        prompts = _read_prompts(args)
+        lm = LanguageModel.from_pretrained(
+            args.checkpoint, device=args.device, attn_implementation=args.attn_implementation
+        )
+    except OSError as e:  # a missing checkpoint or prompt file
+        raise SystemExit(f"pdlightning generate: {e}") from None
     out = open(args.output, "w") if args.output else None  # noqa: SIM115
     colour = sys.stdout.isatty()
 

@@ -143,3 +143,16 @@ def test_flash_attention_is_refused_with_the_reason(tmp_path):
         build_backbone(config=FLEX_CONFIG, attn_implementation="flash_attention_2")
     with pytest.raises(ValueError, match="flash_attention_2.*hybrid attention mask"):
         LanguageModel.from_pretrained(tmp_path, attn_implementation="flash_attention_2")
+
+
+def test_a_directory_without_a_model_names_the_model_directories_under_it(tmp_path):
+    from pdlightning.decoding.lm import LanguageModel
+
+    run = tmp_path / "run"
+    (run / "planned" / "version_0" / "hf").mkdir(parents=True)
+    (run / "planned" / "version_0" / "hf" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"no config\.json.*run/planned/version_0/hf"):
+        LanguageModel.from_pretrained(run)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no config\.json\)\. Training writes"):  # nothing to name
+        LanguageModel.from_pretrained(tmp_path / "empty")

@@ -137,3 +137,12 @@ def test_training_can_start_from_an_exported_model(trained: Path, tmp_path: Path
     assert source.keys() == result.keys()
     for k, v in source.items():
         assert torch.equal(v, result[k]), k
+
+
+@pytest.mark.slow
+def test_generate_command_points_from_a_run_directory_to_its_model(trained: Path, tmp_path: Path):
+    out = cli("generate", "--checkpoint", str(trained), "--prompt", "hi")
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "not a model directory" in out.stderr and str(trained / "hf") in out.stderr
+    out = cli("generate", "--checkpoint", str(trained / "hf"), "--input", str(tmp_path / "missing.jsonl"))
+    assert out.returncode != 0 and "Traceback" not in out.stderr and "missing.jsonl" in out.stderr

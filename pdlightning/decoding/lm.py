@@ -5,6 +5,7 @@ logits convention, counting forward passes. Pure torch: no Lightning.
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,6 +172,13 @@ class LanguageModel:
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"checkpoint directory {str(directory)!r} does not exist")
+        if not (directory / "config.json").is_file():
+            found = [str(c.parent) for c in itertools.islice(directory.rglob("hf/config.json"), 3)]
+            hint = f"; the exported model directories under it: {', '.join(found)}" if found else ""
+            raise FileNotFoundError(
+                f"{str(directory)!r} is not a model directory (no config.json){hint}. Training writes "
+                "one to <log dir>/hf, and `pdlightning export` writes one from a checkpoint"
+            )
         tokenizer = load_tokenizer(directory, trust_remote_code=trust_remote_code)
         try:
             spec = load_spec(directory)

@@ -55,7 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         strategy = get_strategy(a.decoder, **strategy_kwargs(a))
     except (TypeError, ValueError) as e:
         raise SystemExit(f"pdlightning evaluate alpaca: {e}") from None
-    lm = LanguageModel.from_pretrained(a.checkpoint, device=a.device)
+    try:
+        lm = LanguageModel.from_pretrained(a.checkpoint, device=a.device)
+    except OSError as e:
+        raise SystemExit(f"pdlightning evaluate alpaca: {e}") from None
 
     def generate(instructions: list[str]) -> list:
         return strategy.generate(lm, instructions, torch.Generator().manual_seed(a.seed))
