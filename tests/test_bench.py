@@ -50,9 +50,17 @@ def test_bench_config_refuses_unknown_keys_and_models(tmp_path: Path):
     bad.write_text("models: {}\ndecoders: [{name: AR, model: nope, decoder: autoregressive}]\n")
     with pytest.raises(ValueError, match="unknown model"):
         BenchConfig.from_yaml(bad)
+    bad.write_text("models: {warmup: {config: [configs/ar_tiny.yaml]}}\n")  # a row's key misspelt
+    with pytest.raises(ValueError, match=r"model 'warmup'.*'config'.*its keys: configs"):
+        BenchConfig.from_yaml(bad)
+    bad.write_text("models: {}\ndecoders: [AR]\n")
+    with pytest.raises(ValueError, match="decoder row 0 must be a mapping"):
+        BenchConfig.from_yaml(bad)
 
 
-def test_command_line_overrides_and_a_seed_replicate_gets_its_own_directory(capsys: pytest.CaptureFixture):
+def test_command_line_overrides_and_a_seed_replicate_gets_its_own_directory(
+    capsys: pytest.CaptureFixture, tmp_path: Path
+):
     from pdlightning.eval.bench import config_from_args
 
     quick = str(ROOT / "configs/bench/quickstart.yaml")
@@ -62,7 +70,10 @@ def test_command_line_overrides_and_a_seed_replicate_gets_its_own_directory(caps
     assert (cfg.seed, cfg.out_dir, cfg.limit) == (2, "runs/quickstart-seed2", 5)  # never the seed-0 models
     cfg = config_from_args("demo", None, quick, ["--seed", "2", "--out_dir", "elsewhere"])
     assert (cfg.seed, cfg.out_dir) == (2, "elsewhere")
-    for bad, said in ((["--limit", "0"], "--limit"), (["--config", "nope.yaml"], "nope.yaml not found")):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("modles: {}\n")
+    for bad, said in ((["--limit", "0"], "--limit"), (["--config", "nope.yaml"], "nope.yaml not found"),
+                      (["--config", str(broken)], "unknown keys ['modles']")):
         with pytest.raises(SystemExit):
             config_from_args("demo", None, quick, bad)
         assert said in capsys.readouterr().err

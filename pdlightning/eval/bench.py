@@ -84,9 +84,9 @@ class BenchConfig:
         unknown = set(raw) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
-        raw["models"] = {k: ModelSpec(**v) for k, v in (raw.get("models") or {}).items()}
-        raw["decoders"] = [DecoderSpec(**d) for d in raw.get("decoders") or []]
-        raw["sweeps"] = [SweepSpec(**s) for s in raw.get("sweeps") or []]
+        raw["models"] = {k: _row(path, f"model {k!r}", ModelSpec, v) for k, v in (raw.get("models") or {}).items()}
+        raw["decoders"] = [_row(path, f"decoder row {n}", DecoderSpec, d) for n, d in enumerate(raw.get("decoders") or [])]
+        raw["sweeps"] = [_row(path, f"sweep {n}", SweepSpec, s) for n, s in enumerate(raw.get("sweeps") or [])]
         cfg = cls(**raw)
         names = list(cfg.models)
         for k, (name, spec) in enumerate(cfg.models.items()):
@@ -99,6 +99,17 @@ class BenchConfig:
         if cfg.baseline not in {d.name for d in cfg.decoders}:
             raise ValueError(f"{path}: baseline {cfg.baseline!r} is not a decoder row")
         return cfg
+
+
+def _row(path: str | Path, where: str, cls: type, row: Any) -> Any:
+    """One row of a bench YAML as ``cls``; a wrong or missing key names the row."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{path}: {where} must be a mapping, got {row!r}")
+    try:
+        return cls(**row)
+    except TypeError as e:
+        fields = ", ".join(cls.__dataclass_fields__)
+        raise ValueError(f"{path}: {where}: {e} (its keys: {fields})") from None
 
 
 # --------------------------------------------------------------------------- training
@@ -340,7 +351,10 @@ def config_from_args(prog: str, description: str | None, default: str, argv: lis
         p.error(f"--limit must be >= 1, got {a.limit}")
     if not Path(a.config).exists():
         p.error(f"{a.config} not found; run it from the repository root")
-    cfg = BenchConfig.from_yaml(a.config)
+    try:
+        cfg = BenchConfig.from_yaml(a.config)
+    except ValueError as e:
+        p.error(str(e))
     if a.seed is not None and a.seed != cfg.seed:
         cfg.seed = a.seed
         cfg.out_dir = f"{cfg.out_dir}-seed{a.seed}"  # never reuse models trained with another seed
