@@ -98,6 +98,8 @@ def export_main(argv: list[str]) -> int:
     p.add_argument("--ckpt_path", required=True, help="a Lightning checkpoint (.ckpt)")
     p.add_argument("--output", required=True, help="directory to write")
     a = p.parse_args(argv)
+    if not Path(a.ckpt_path).is_file():
+        p.error(f"{a.ckpt_path}: checkpoint not found (fit saves them under <log dir>/checkpoints/)")
     args = [x for c in a.config for x in ("--config", c)]
     cli = build_cli(args, run=False)
     state = torch.load(a.ckpt_path, map_location="cpu", weights_only=True)

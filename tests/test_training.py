@@ -61,6 +61,17 @@ def test_a_bad_config_value_is_refused_with_its_name(tmp_path: Path):
         parse_config(["--config", str(ROOT / "configs/smoke.yaml"), "--data.max_pads=lots"])
 
 
+def test_export_of_a_missing_checkpoint_says_so_before_building_anything(tmp_path: Path, capsys):
+    from pdlightning.cli import main
+
+    missing = tmp_path / "last.ckpt"
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", "--config", str(ROOT / "configs/smoke.yaml"), "--ckpt_path", str(missing),
+              "--output", str(tmp_path / "hf")])
+    assert exit_.value.code == 2 and f"{missing}: checkpoint not found" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+
+
 @pytest.mark.slow
 def test_smoke_config_lowers_the_loss_and_exports(tmp_path: Path):
     out = run_cli(smoke_args(tmp_path), ROOT)
