@@ -2,6 +2,7 @@
 of the same backbone on the same data, in one run, with peak memory.
 
     python benchmarks/bench_training.py [--steps 20] [--batch_size 16] [--threads 2]
+    python benchmarks/bench_training.py --kernels   # attention alone: mask vs causal vs none
 
 Both arms use the tiny backbone of configs/tiny.yaml and the bundled set: the
 planned arm on the planned layout (hybrid mask, noise, both loss terms), the
@@ -55,14 +56,38 @@ def run_arm(module: PlannedDiffusionModule, batches: list, causal_fast_path: boo
             "processed_tokens_per_s": sum(processed) / sum(times)}
 
 
+def time_attention_kernels(batch: int, length: int, heads: int = 4, head_dim: int = 32, reps: int = 10) -> dict:
+    """Seconds of one forward and backward of ``scaled_dot_product_attention`` per mask kind.
+
+    The hybrid mask is stood in for by a lower-triangular boolean mask (the same
+    kernel path: any dense boolean mask); ``is_causal`` and no mask are the
+    kernels the causal arm could use."""
+    f = torch.nn.functional.scaled_dot_product_attention
+    q, k, v = (torch.randn(batch, heads, length, head_dim, requires_grad=True) for _ in range(3))
+    mask = torch.ones(length, length, dtype=torch.bool).tril().expand(batch, 1, length, length).contiguous()
+    out = {}
+    for name, kw in (("boolean mask", {"attn_mask": mask}), ("is_causal", {"is_causal": True}), ("no mask", {})):
+        for k_ in range(reps + 3):
+            if k_ == 3:
+                t0 = time.perf_counter()
+            f(q, k, v, **kw).sum().backward()
+        out[name] = (time.perf_counter() - t0) / reps
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache_dir", default=".cache/pdlightning")
+    p.add_argument("--kernels", action="store_true", help="time the attention kernels alone (rows of 270)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    if a.kernels:
+        for name, sec in time_attention_kernels(a.batch_size, 270).items():
+            print(f"{name:<14}{sec * 1e3:8.1f} ms per forward + backward")
+        return
     torch.manual_seed(0)
     dm = PlannedDataModule(cache_dir=a.cache_dir, batch_size=a.batch_size, stages=[Stage("planned", None)])
     dm.setup()
