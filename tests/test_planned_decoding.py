@@ -452,7 +452,9 @@ def test_same_seed_same_output_at_temperature():
 def test_registered_and_validated():
     assert isinstance(get_strategy("planned"), PlannedDiffusion)
     assert isinstance(get_strategy("dense_planned", step_ratio=0.5), DensePlannedDiffusion)
-    for bad in ({"step_ratio": 0}, {"threshold": 2.0}, {"order": "best"}, {"max_rounds": 0}):
+    bad_knobs = ({"step_ratio": 0}, {"step_ratio": 1.5}, {"length_scale": 0}, {"threshold": 2.0}, {"order": "best"},
+                 {"max_rounds": 0})
+    for bad in bad_knobs:
         with pytest.raises(ValueError):
             PlannedDiffusion(**bad)
 

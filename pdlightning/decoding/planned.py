@@ -194,8 +194,10 @@ class PlannedDiffusion(DecodingStrategy):
         batch_size: int = 1,
     ) -> None:
         super().__init__(max_new_tokens, temperature, top_p, top_k, batch_size)
-        if step_ratio <= 0 or length_scale <= 0:
-            raise ValueError("step_ratio and length_scale must be > 0")
+        if not 0 < step_ratio <= 1:  # above 1 would silently act as 1 (a pass commits at least one per span)
+            raise ValueError(f"step_ratio (r) must be in (0, 1], got {step_ratio}")
+        if length_scale <= 0:
+            raise ValueError(f"length_scale must be > 0, got {length_scale}")
         if threshold is not None and not 0 <= threshold <= 1:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         if order not in ("entropy", "confidence", "random"):
