@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mock_lm import encode, make_mock_lm, mock_tokenizer, planned_script
 
 from pdlightning.decoding import (
@@ -28,7 +30,7 @@ from pdlightning.decoding import (
     list_strategies,
 )
 from pdlightning.decoding.diffusion import read_response
-from pdlightning.decoding.fast_dllm import block_caps
+from pdlightning.decoding.fast_dllm import block_caps, confident_count
 from pdlightning.model.backbone import TINY_QWEN2, build_backbone
 from pdlightning.tokenizer import ROLE_TOKENS, format_prompt
 
@@ -174,6 +176,7 @@ def test_batch_equals_one_by_one(name: str):
         ("fast_dllm", {}),
         ("fast_dllm", {"cache": "prefix", "block_size": 8}),
         ("fast_dllm", {"cache": "dual", "block_size": 8}),
+        ("fast_dllm", {"factor": 1.0, "block_size": 8}),
     ],
 )
 @pytest.mark.parametrize("logits", ["shifted", "aligned"])
@@ -294,6 +297,37 @@ def test_fast_dllm_threshold_semantics():
     assert sum(c for _, _, c in block_caps(50, 16, 25)) == 25
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    conf=st.lists(st.lists(st.floats(0.0, 1.0), min_size=6, max_size=6), min_size=1, max_size=4),
+    hidden=st.lists(st.booleans(), min_size=6, max_size=6),
+    factor=st.floats(0.01, 4.0),
+    threshold=st.floats(0.0, 1.0),
+)
+def test_confident_count_matches_a_loop_over_the_ranked_positions(conf, hidden, factor, threshold):
+    rows = torch.tensor(conf, dtype=torch.float64).masked_fill(torch.tensor(hidden), float("-inf"))
+    for row, got_t, got_f in zip(rows.tolist(), confident_count(rows, threshold).tolist(),
+                                 confident_count(rows, threshold, factor).tolist(), strict=True):
+        assert got_t == sum(c >= threshold for c in row)
+        n = 0  # the factor rule, one rank at a time: stop at the first that falls short
+        for i, c in enumerate(sorted(row, reverse=True), start=1):
+            if c < 1 - factor / (i + 1):
+                break
+            n = i
+        assert got_f == n
+
+
+def test_fast_dllm_factor_rule_commits_more_per_pass_as_the_factor_grows():
+    lm = make_mock_lm(SCRIPT, confidence=(0.95, 0.5, 0.7, 0.99, 0.6))
+    passes = {}
+    for factor in (0.01, 1.0, 2.0, 100.0):
+        gens = run("fast_dllm", lm=lm, factor=factor, threshold=0.0, block_size=16, max_new_tokens=48, steps=48)
+        passes[factor] = [g.critical_path for g in gens]
+        assert all(MASK not in g.token_ids for g in gens)
+    assert sum(passes[0.01]) > sum(passes[1.0]) > sum(passes[2.0])  # threshold=0.0 is ignored: the factor decides
+    assert max(passes[100.0]) <= 3  # every bar below 0: a whole block per pass
+
+
 @pytest.mark.parametrize("confidence", [0.999, (0.95, 0.5, 0.99)])
 @pytest.mark.parametrize("logits", ["shifted", "aligned"])
 def test_fast_dllm_prefix_and_dual_cache_match_no_cache(confidence, logits: str):
@@ -320,6 +354,7 @@ def test_validation():
         (FastDLLM, {"threshold": 1.5}),
         (FastDLLM, {"cache": "all"}),
         (FastDLLM, {"block_size": 0}),
+        (FastDLLM, {"factor": 0.0}),
     ):
         with pytest.raises(ValueError):
             cls(**bad)

@@ -4,7 +4,10 @@ confidence-threshold parallel commits and an approximate KV cache.
 The budget of ``max_new_tokens`` masks is split into blocks of ``block_size``
 decoded left to right. Within the current block, each pass commits every
 masked position whose drawn token has probability ``>= threshold`` (the most
-confident one always commits). Each block also has a step cap (``steps``
+confident one always commits). With ``factor`` set, the paper's factor rule
+replaces the threshold: a pass commits the ``n`` most confident positions for
+the largest ``n`` at which the ``i``-th most confident has probability
+``>= 1 - factor / (i + 1)`` for every ``i <= n``. Each block also has a step cap (``steps``
 spread over the blocks in proportion to their length): at least
 ``ceil(masks left / cap steps left)`` positions commit per pass, so a block
 never takes more than its cap. A row stops as soon as it has committed an end
@@ -93,6 +96,10 @@ class FastDLLM(DecodingStrategy):
         block_size: Positions per block, decoded left to right.
         threshold: Commit every masked position of the block whose drawn token has
             probability ``>=`` this (the most confident always commits).
+        factor: None = the threshold rule; a float ``f > 0`` = the factor rule
+            instead: commit the ``n`` most confident positions for the largest
+            ``n`` at which the ``i``-th has probability ``>= 1 - f / (i + 1)`` for
+            every ``i <= n`` (Fast-dLLM's factor-based parallel decoding).
         steps: Step budget over all blocks (None = half the new tokens), spread
             over the blocks as a cap per block; at the cap the rest commits.
         cache: ``"dual"`` (default, Fast-dLLM's fastest), ``"prefix"`` or ``"none"``
@@ -108,6 +115,7 @@ class FastDLLM(DecodingStrategy):
         self,
         block_size: int = 32,
         threshold: float = 0.9,
+        factor: float | None = None,
         steps: int | None = None,
         cache: CacheMode = "dual",
         max_new_tokens: int = 256,
@@ -121,12 +129,15 @@ class FastDLLM(DecodingStrategy):
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         if not 0 <= threshold <= 1:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        if factor is not None and factor <= 0:
+            raise ValueError(f"factor must be > 0 (or null for the threshold rule), got {factor}")
         if steps is not None and steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         if cache not in ("none", "prefix", "dual"):
             raise ValueError(f"unknown cache {cache!r}; choose none, prefix or dual")
         self.block_size = block_size
         self.threshold = threshold
+        self.factor = factor
         self.steps = steps
         self.cache = cache
 
@@ -234,10 +245,31 @@ class FastDLLM(DecodingStrategy):
         conf = top_probability(probs, tokens).masked_fill(~is_mask, float("-inf"))
         left = is_mask.sum(1)
         quota = torch.div(left + steps_left.clamp(min=1) - 1, steps_left.clamp(min=1), rounding_mode="floor")
-        sure = (conf >= self.threshold).sum(1)
+        sure = confident_count(conf, self.threshold, self.factor)
         count = torch.maximum(torch.maximum(sure, quota), torch.ones_like(quota))
         commit = (rank_desc(conf) < count[:, None]) & is_mask & active[:, None]
         x[:, a:e] = torch.where(commit, tokens, x[:, a:e])
+
+
+def confident_count(conf: torch.Tensor, threshold: float, factor: float | None = None) -> torch.Tensor:
+    """How many positions per row are sure enough to commit together.
+
+    Args:
+        conf: ``[B, N]`` probability of each position's drawn token (``-inf`` where
+            nothing is to be drawn).
+        threshold: The threshold rule: positions with ``conf >= threshold``.
+        factor: If set, the factor rule instead: the largest ``n`` such that the
+            ``i``-th highest ``conf`` is ``>= 1 - factor / (i + 1)`` for every ``i <= n``.
+
+    Returns:
+        ``[B]`` long counts (possibly 0: the caller always commits the top one).
+    """
+    if factor is None:
+        return (conf >= threshold).sum(1)
+    ranked = conf.sort(1, descending=True).values
+    i = torch.arange(1, conf.shape[1] + 1, device=conf.device, dtype=ranked.dtype)
+    # ranked falls and the bar rises with i, so the ranks that clear it are a prefix
+    return (ranked >= 1 - factor / (i + 1)).sum(1)
 
 
 def _finished(region: torch.Tensor, end: int, mask: int) -> torch.Tensor:
