@@ -70,6 +70,8 @@ def test_command_line_overrides_and_a_seed_replicate_gets_its_own_directory(
     assert (cfg.seed, cfg.out_dir, cfg.limit) == (2, "runs/quickstart-seed2", 5)  # never the seed-0 models
     cfg = config_from_args("demo", None, quick, ["--seed", "2", "--out_dir", "elsewhere"])
     assert (cfg.seed, cfg.out_dir) == (2, "elsewhere")
+    assert config_from_args("demo", None, quick, []).split == "test"
+    assert config_from_args("demo", None, quick, ["--split", "validation"]).split == "validation"
     broken = tmp_path / "broken.yaml"
     broken.write_text("modles: {}\n")
     for bad, said in ((["--limit", "0"], "--limit"), (["--config", "nope.yaml"], "nope.yaml not found"),

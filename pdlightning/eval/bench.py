@@ -344,6 +344,8 @@ def config_from_args(prog: str, description: str | None, default: str, argv: lis
     p.add_argument("--config", default=default, help="bench YAML")
     p.add_argument("--out_dir", help="override out_dir")
     p.add_argument("--limit", type=int, help="override the number of test prompts")
+    p.add_argument("--split", choices=["train", "validation", "test"],
+                   help="override the split decoded (choose knobs on validation, report test)")
     p.add_argument("--seed", type=int, help="override the run's one seed (training, data, decoding): a replicate, "
                    "written to <out_dir>-seed<N> unless --out_dir is given")
     a = p.parse_args(argv)
@@ -360,6 +362,7 @@ def config_from_args(prog: str, description: str | None, default: str, argv: lis
         cfg.out_dir = f"{cfg.out_dir}-seed{a.seed}"  # never reuse models trained with another seed
     cfg.out_dir = a.out_dir or cfg.out_dir
     cfg.limit = a.limit or cfg.limit
+    cfg.split = a.split or cfg.split
     return cfg
 
 
