@@ -67,9 +67,10 @@ def time_attention_kernels(batch: int, length: int, heads: int = 4, head_dim: in
     mask = torch.ones(length, length, dtype=torch.bool).tril().expand(batch, 1, length, length).contiguous()
     out = {}
     for name, kw in (("boolean mask", {"attn_mask": mask}), ("is_causal", {"is_causal": True}), ("no mask", {})):
-        for k_ in range(reps + 3):
-            if k_ == 3:
-                t0 = time.perf_counter()
+        for _ in range(3):  # warm-up, not timed
+            f(q, k, v, **kw).sum().backward()
+        t0 = time.perf_counter()
+        for _ in range(reps):
             f(q, k, v, **kw).sum().backward()
         out[name] = (time.perf_counter() - t0) / reps
     return out

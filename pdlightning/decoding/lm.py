@@ -5,7 +5,6 @@ logits convention, counting forward passes. Pure torch: no Lightning.
 from __future__ import annotations
 
 import inspect
-import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,7 +172,10 @@ class LanguageModel:
         if not directory.is_dir():
             raise FileNotFoundError(f"checkpoint directory {str(directory)!r} does not exist")
         if not (directory / "config.json").is_file():
-            found = [str(c.parent) for c in itertools.islice(directory.rglob("hf/config.json"), 3)]
+            # a bounded look (exports sit at most 4 levels down: models/<name>/<name>/version_0/hf),
+            # not a walk of whatever tree the user named
+            under = ("hf", "*/hf", "*/*/hf", "*/*/*/hf", "*/*/*/*/hf")
+            found = [str(c.parent) for pat in under for c in sorted(directory.glob(f"{pat}/config.json"))][:3]
             hint = f"; the exported model directories under it: {', '.join(found)}" if found else ""
             raise FileNotFoundError(
                 f"{str(directory)!r} is not a model directory (no config.json){hint}. Training writes "
