@@ -97,6 +97,9 @@ def test_bench_smoke_writes_results_with_ratios_against_ar(tmp_path: Path):
          "--out_dir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    # each model is written once, where the bench reuses it from (not also beside its logs)
+    exports = sorted(p.parent.relative_to(tmp_path) for p in tmp_path.rglob("model.safetensors"))
+    assert exports == [Path("models/smoke/hf")]
     summary = json.loads((tmp_path / "results.json").read_text())
     results = summary["results"]
     assert set(results) == {"AR", "diffusion", "Fast-dLLM", "PD", "PD-DA"}

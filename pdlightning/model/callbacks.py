@@ -17,6 +17,10 @@ log = logging.getLogger(__name__)
 class ExportHF(L.Callback):
     """Write the trained model as a HF directory when ``fit`` ends (rank 0).
 
+    If the trainer has several, only the last one writes: appending one on the
+    command line (``--trainer.callbacks+=...ExportHF --trainer.callbacks.dirpath=DIR``)
+    redirects a config's export instead of writing the model twice.
+
     Args:
         dirpath: Output directory; default ``<log_dir>/hf``.
     """
@@ -30,7 +34,8 @@ class ExportHF(L.Callback):
         return Path(trainer.log_dir or trainer.default_root_dir) / "hf"
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if trainer.is_global_zero:
+        last = [c for c in trainer.callbacks if isinstance(c, ExportHF)][-1]
+        if trainer.is_global_zero and self is last:
             out = pl_module.export(str(self.target(trainer)))
             log.info("exported the trained model to %s", out)
             print(f"exported the trained model to {out}")
