@@ -358,8 +358,19 @@ def test_validation():
     ):
         with pytest.raises(ValueError):
             cls(**bad)
-    with pytest.raises(ValueError):
-        run("autoregressive", prompts=[[]])
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_an_empty_prompt_is_refused_by_name_before_any_pass(name: str):
+    # an empty prompt leaves a shifted model no position to predict the first token from
+    with pytest.raises(ValueError, match=f"{name} decoding needs a non-empty prompt \\(prompt 1 is empty\\)"):
+        run(name, lm=(lm := make_mock_lm(SCRIPT)), prompts=[format_prompt(TOK, PROMPTS[0]), []], batch_size=1)
+    assert lm.forward_passes == 0  # refused before the first prompt is decoded, not halfway through
+
+
+def test_diffusion_with_aligned_logits_decodes_an_empty_prompt():
+    (g,) = run("diffusion", lm=make_mock_lm(SCRIPT, logits="aligned"), prompts=[[]])
+    assert g.token_ids and g.critical_path >= 1
 
 
 # ----------------------------------------------------------------------------- user strategies

@@ -127,13 +127,6 @@ class Autoregressive(DecodingStrategy):
         self, lm: LanguageModel, prompts: list[list[int]], generator: torch.Generator
     ) -> list[RowOutput]:
         """Decode one batch of tokenised prompts; one :class:`RowOutput` per prompt."""
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("autoregressive decoding needs a non-empty prompt")
-        return self._decode(lm, prompts, generator)  # under inference_mode (DecodingStrategy.generate)
-
-    def _decode(
-        self, lm: LanguageModel, prompts: list[list[int]], generator: torch.Generator
-    ) -> list[RowOutput]:
         spec = lm.spec
         end, pad, mask = spec.id("end"), spec.id("pad"), spec.id("mask")
         aligned = self.mask_query

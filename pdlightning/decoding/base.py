@@ -175,6 +175,13 @@ class DecodingStrategy(ABC):
     ) -> list[RowOutput]:
         """Decode one batch of tokenised prompts; one :class:`RowOutput` per prompt."""
 
+    def check_prompts(self, lm: LanguageModel, prompts: list[list[int]]) -> None:
+        """Refuse prompts this strategy cannot start from (by default: an empty one,
+        as the first token is predicted from the prompt's last position)."""
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"{self.name} decoding needs a non-empty prompt (prompt {i} is empty)")
+
     def generate(
         self,
         lm: LanguageModel,
@@ -197,6 +204,7 @@ class DecodingStrategy(ABC):
             generator = torch.Generator(device="cpu").manual_seed(0)
         texts = [p if isinstance(p, str) else lm.tokenizer.decode(list(p)) for p in prompts]
         ids = [format_prompt(lm.tokenizer, p) if isinstance(p, str) else list(p) for p in prompts]
+        self.check_prompts(lm, ids)
         results: list[Generation] = []
         for start in range(0, len(ids), self.batch_size):
             batch = ids[start : start + self.batch_size]

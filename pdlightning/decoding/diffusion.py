@@ -120,17 +120,15 @@ class Diffusion(DecodingStrategy):
         """Passes per response: ``steps`` capped by the budget (the budget when None)."""
         return min(self.steps or self.max_new_tokens, self.max_new_tokens)
 
+    def check_prompts(self, lm: LanguageModel, prompts: list[list[int]]) -> None:
+        """An empty prompt is fine with aligned logits (each position scores itself)."""
+        if lm.shift:
+            super().check_prompts(lm, prompts)
+
     def decode_batch(
         self, lm: LanguageModel, prompts: list[list[int]], generator: torch.Generator
     ) -> list[RowOutput]:
         """Decode one batch of tokenised prompts; one :class:`RowOutput` per prompt."""
-        if lm.shift and any(len(p) == 0 for p in prompts):
-            raise ValueError("diffusion with shifted logits needs a non-empty prompt")
-        return self._decode(lm, prompts, generator)  # under inference_mode (DecodingStrategy.generate)
-
-    def _decode(
-        self, lm: LanguageModel, prompts: list[list[int]], generator: torch.Generator
-    ) -> list[RowOutput]:
         spec = lm.spec
         end, pad, mask = spec.id("end"), spec.id("pad"), spec.id("mask")
         n = self.max_new_tokens

@@ -151,13 +151,6 @@ class FastDLLM(DecodingStrategy):
         self, lm: LanguageModel, prompts: list[list[int]], generator: torch.Generator
     ) -> list[RowOutput]:
         """Decode one batch of tokenised prompts; one :class:`RowOutput` per prompt."""
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("fast_dllm needs a non-empty prompt")
-        return self._decode(lm, prompts, generator)  # under inference_mode (DecodingStrategy.generate)
-
-    def _decode(
-        self, lm: LanguageModel, prompts: list[list[int]], generator: torch.Generator
-    ) -> list[RowOutput]:
         spec, dev, shift = lm.spec, lm.device, lm.shift
         end, pad, mask = spec.id("end"), spec.id("pad"), spec.id("mask")
         n = self.max_new_tokens

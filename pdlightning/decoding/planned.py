@@ -227,13 +227,6 @@ class PlannedDiffusion(DecodingStrategy):
         self, lm: LanguageModel, prompts: list[list[int]], generator: torch.Generator
     ) -> list[RowOutput]:
         """Decode one batch of tokenised prompts; one :class:`RowOutput` per prompt."""
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("planned diffusion needs a non-empty prompt")
-        return self._decode(lm, prompts, generator)  # under inference_mode (DecodingStrategy.generate)
-
-    def _decode(
-        self, lm: LanguageModel, prompts: list[list[int]], generator: torch.Generator
-    ) -> list[RowOutput]:
         st = _State(prompts, lm.new_cache() if self.use_cache else None, lm.device)
         while not all(st.done):
             self._plan_round(lm, st, generator)
