@@ -113,6 +113,19 @@ def test_bench_smoke_writes_results_with_ratios_against_ar(tmp_path: Path):
     assert "| PD |" in (tmp_path / "results.md").read_text()
     for name in ("latency_vs_quality.png", "critical_path.png", "sweep_PD_step_ratio.png"):
         assert (tmp_path / name).stat().st_size > 1000
+    # the validation split (choosing a knob) reuses the model and leaves the test results alone
+    test_results = (tmp_path / "results.json").read_text()
+    out = subprocess.run(
+        [sys.executable, "-m", "pdlightning.cli", "bench", "--config", "configs/bench/smoke.yaml",
+         "--out_dir", str(tmp_path), "--split", "validation", "--limit", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "model smoke: reusing" in out.stdout
+    assert (tmp_path / "results.json").read_text() == test_results
+    validation = json.loads((tmp_path / "validation/results.json").read_text())
+    assert validation["config"]["split"] == "validation" and validation["results"]["AR"]["n"] == 1
+    assert len((tmp_path / "validation/generations_AR.jsonl").read_text().splitlines()) == 1
 
 
 def test_init_from_starts_a_model_from_an_earlier_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -290,9 +290,16 @@ def plot(results: dict[str, dict[str, Any]], sweeps: dict[str, list[dict[str, An
     return files
 
 
+def results_dir(cfg: BenchConfig) -> Path:
+    """Where a run's results go: ``out_dir`` for the test split, ``out_dir/<split>`` for
+    another, so choosing a knob on validation never overwrites the test results
+    (the models in ``out_dir/models`` are shared)."""
+    return Path(cfg.out_dir) if cfg.split == "test" else Path(cfg.out_dir) / cfg.split
+
+
 def run(cfg: BenchConfig) -> dict[str, Any]:
     torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out_dir)
+    out = results_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     checkpoints: dict[str, Path] = {}
