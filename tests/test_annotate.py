@@ -397,3 +397,11 @@ def test_main_heuristic(tmp_path: Path, capsys: pytest.CaptureFixture, examples:
     assert "bad.jsonl:1: expected a JSON object" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--input", str(src), "--output", str(out), "--annotator", "llm"])  # no --model
+    # the input named as the output (or as its partial file) is refused, and left as it was
+    before = src.read_bytes()
+    for target in (src, src.with_name("x.jsonl")):
+        if target != src:
+            target.with_name(target.name + ".partial").symlink_to(src)
+        assert main(["--input", str(src), "--output", str(target), "--no-progress"]) == 2
+        assert "would overwrite the input" in capsys.readouterr().err
+        assert src.read_bytes() == before

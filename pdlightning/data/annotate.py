@@ -401,7 +401,8 @@ def annotate_file(
 
     Raises:
         FileNotFoundError: The input does not exist.
-        ValueError: A partial output does not match the input (it changed since).
+        ValueError: A partial output does not match the input (it changed since),
+            or the output (or one of its side files) is the input.
     """
     from tqdm import tqdm
 
@@ -411,6 +412,9 @@ def annotate_file(
     partial = out.with_name(out.name + ".partial")
     rejected = out.with_name(out.name + ".rejected.jsonl")
     rejected_partial = rejected.with_name(rejected.name + ".partial")
+    for p in (out, partial, rejected, rejected_partial):  # resuming would move the input away
+        if p.exists() and p.samefile(src):
+            raise ValueError(f"{out}: the output would overwrite the input {src}; write it to another file")
     if not resume:
         for p in (partial, rejected_partial):
             p.unlink(missing_ok=True)
