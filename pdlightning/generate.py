@@ -151,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     add_strategy_arguments(p, cls)
     args = p.parse_args(argv)
+    if args.input and args.output and Path(args.output).exists() and Path(args.output).samefile(args.input):
+        p.error(f"--output {args.output} is the --input file: the results would overwrite the prompts")
     if args.threads:
         torch.set_num_threads(args.threads)
     from pdlightning.decoding import LanguageModel, get_strategy

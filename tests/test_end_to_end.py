@@ -146,3 +146,8 @@ def test_generate_command_points_from_a_run_directory_to_its_model(trained: Path
     assert "not a model directory" in out.stderr and str(trained / "hf") in out.stderr
     out = cli("generate", "--checkpoint", str(trained / "hf"), "--input", str(tmp_path / "missing.jsonl"))
     assert out.returncode != 0 and "Traceback" not in out.stderr and "missing.jsonl" in out.stderr
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    out = cli("generate", "--checkpoint", str(trained / "hf"), "--input", str(prompts), "--output", str(prompts))
+    assert out.returncode != 0 and "would overwrite the prompts" in out.stderr
+    assert prompts.read_text() == json.dumps({"prompt": "hi"}) + "\n"
