@@ -48,7 +48,7 @@ class PDLightningCLI(LightningCLI):
         if not found:
             raise SystemExit(f"--ckpt_path last: no last.ckpt under {root}")
         cfg.ckpt_path = str(found[-1])
-        print(f"resuming from {found[-1]}")
+        print(f"--ckpt_path last: {found[-1]}")
 
 
 def build_cli(args: list[str] | None, run: bool = True) -> PDLightningCLI:

@@ -85,6 +85,40 @@ def test_generate_command_shows_plan_and_writes_results(trained: Path, tmp_path:
 
 
 @pytest.mark.slow
+def test_predict_decodes_the_test_prompts_from_the_checkpoint_and_writes_them(trained: Path, tmp_path: Path):
+    from pdlightning.data.sources import load_rows
+
+    common = ("--config", "configs/smoke.yaml", f"--trainer.default_root_dir={tmp_path}",
+              f"--trainer.logger.init_args.save_dir={tmp_path}", f"--data.cache_dir={ROOT / '.cache/pdlightning'}",
+              "--ckpt_path", str(next(trained.rglob("last.ckpt"))), "--data.batch_size=3",
+              "--trainer.limit_predict_batches=1", "--model.predict.args={max_new_tokens: 64}")
+    out = cli("predict", *common)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "wrote 3 generations to" in out.stdout and "fact accuracy" in out.stdout
+    rows = [json.loads(line) for line in next(tmp_path.rglob("predictions.jsonl")).read_text().splitlines()]
+    test = load_rows("bundled", ROOT / ".cache/pdlightning", bundled_sizes={"train": 400, "validation": 32, "test": 32})["test"]
+    assert [r["index"] for r in rows] == [0, 1, 2]
+    assert [r["prompt"] for r in rows] == [test[i]["prompt"] for i in range(3)]
+    assert all(r["decoder"] == "planned" and 0 <= r["fact_accuracy"] <= 1 for r in rows)
+    # the checkpoint's weights decode: the same as its export, with the same decoder and seed
+    lm = LanguageModel.from_pretrained(trained / "hf")
+    ref = get_strategy("planned", max_new_tokens=64).generate(lm, [r["prompt"] for r in rows],
+                                                              torch.Generator().manual_seed(0))
+    assert [r["token_ids"] for r in rows] == [g.token_ids for g in ref]
+    # another decoder and knobs from the command line; a misspelt one is refused by name
+    out = cli("predict", *common, "--model.predict.decoder=autoregressive",
+              "--trainer.callbacks+=pdlightning.model.callbacks.WriteGenerations",
+              f"--trainer.callbacks.path={tmp_path / 'ar.jsonl'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(list(tmp_path.rglob("predictions.jsonl"))) == 1  # the appended writer replaced the config's
+    rows = [json.loads(line) for line in (tmp_path / "ar.jsonl").read_text().splitlines()]
+    assert all(r["decoder"] == "autoregressive" and r["counters"]["critical_path"] == len(r["token_ids"])
+               for r in rows)
+    out = cli("predict", *common, "--model.predict.decoder=fast_dlm")
+    assert out.returncode != 0 and "unknown decoding strategy 'fast_dlm'" in out.stderr
+
+
+@pytest.mark.slow
 def test_generate_command_refuses_a_bad_knob(trained: Path):
     out = cli("generate", "--checkpoint", str(trained / "hf"), "--decoder", "planned", "--prompt", "hi",
               "--r", "-1")

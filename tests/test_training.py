@@ -114,7 +114,7 @@ def test_resume_after_a_kill_continues_from_the_last_checkpoint(tmp_path: Path):
     assert killed_at < 24
     out = run_cli([*args, "--ckpt_path=last"], ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert f"resuming from {last}" in out.stdout
+    assert f"--ckpt_path last: {last}" in out.stdout
     newest = max(tmp_path.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
     final = torch.load(newest, map_location="cpu", weights_only=False)
     assert final["global_step"] == 24  # 4 epochs x 6 batches, counted across the kill

@@ -43,6 +43,22 @@ class Stage:
     epochs: int | None = None
 
 
+class PromptRows(Dataset):
+    """The prompts of a split, one row at a time (for ``predict``)."""
+
+    def __init__(self, rows: Any) -> None:
+        keep = [c for c in ("prompt", "prompt_ids", "answer_keys") if c in rows.column_names]
+        self.rows = rows.select_columns(keep)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.rows[i]
+        return {"index": i, "prompt": row.get("prompt"), "prompt_ids": row["prompt_ids"],
+                "answer_keys": row.get("answer_keys")}
+
+
 class ExampleDataset(Dataset):
     """Tokenised examples laid out for one mode; pads redrawn for every epoch.
 
@@ -320,12 +336,19 @@ class PlannedDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader("validation", self.stage_at(self._current_epoch()).mode, 0, train=False)
 
+    def _test_split(self) -> str:
+        return "test" if "test" in self.splits or not self.splits else "validation"
+
     def test_dataloader(self) -> DataLoader:
-        split = "test" if "test" in self.splits or not self.splits else "validation"
-        return self._loader(split, self.stages[-1].mode, 0, train=False)
+        return self._loader(self._test_split(), self.stages[-1].mode, 0, train=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
+        """The test split's prompts (``validation`` where a source has no test split), in
+        order, as rows of ``index``, ``prompt``, ``prompt_ids`` and ``answer_keys`` (None
+        where the source has none), for the module's ``predict_step`` to decode."""
+        self.setup()
+        return DataLoader(PromptRows(self.splits[self._test_split()]), batch_size=self.batch_size,
+                          collate_fn=list, num_workers=self.num_workers)
 
     def rows(self, split: str) -> Any:
         """The processed rows of a split (prompt, response, answer keys...)."""

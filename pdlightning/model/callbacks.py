@@ -1,15 +1,18 @@
-"""Training callbacks: export a HF directory when fitting ends, and a small
-generation check on validation prompts with a configured decoder.
+"""Callbacks: export a HF directory when fitting ends, write ``predict``'s
+generations, and a small generation check on validation prompts with a
+configured decoder.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,61 @@ class ExportHF(L.Callback):
             out = pl_module.export(str(self.target(trainer)))
             log.info("exported the trained model to %s", out)
             print(f"exported the trained model to {out}")
+
+
+class WriteGenerations(BasePredictionWriter):
+    """Write ``predict``'s generations as JSON lines, batch by batch, and print a summary.
+
+    Each line is one prompt's result (``index``, ``prompt``, ``text``, plan and
+    spans, counters, and ``fact_accuracy`` where the data has answer keys).
+    With several processes each writes its own file, ``<stem>.rank<N>.jsonl``.
+    As with :class:`ExportHF`, only the last one of the trainer's writes, so
+    ``--trainer.callbacks+=pdlightning.model.callbacks.WriteGenerations
+    --trainer.callbacks.path=FILE`` redirects a config's.
+
+    Args:
+        path: Output file; default ``<log_dir>/predictions.jsonl``.
+    """
+
+    def __init__(self, path: str | None = None) -> None:
+        super().__init__(write_interval="batch")
+        self.path = path
+        self._file: Any = None
+        self._count, self._facts, self._scored = 0, 0.0, 0
+
+    def target(self, trainer: L.Trainer) -> Path:
+        path = Path(self.path) if self.path else Path(trainer.log_dir or trainer.default_root_dir) / "predictions.jsonl"
+        if trainer.world_size > 1:
+            path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
+        return path
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if [c for c in trainer.callbacks if isinstance(c, WriteGenerations)][-1] is not self:
+            return
+        out = self.target(trainer)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self._file = out.open("w")
+        self._count, self._facts, self._scored = 0, 0.0, 0
+
+    def write_on_batch_end(self, trainer: L.Trainer, pl_module: Any, prediction: Any, batch_indices: Any,
+                           batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+        if self._file is None:  # not the last writer
+            return
+        for row in prediction:
+            self._file.write(json.dumps(row) + "\n")
+            self._count += 1
+            if row.get("fact_accuracy") is not None:
+                self._facts += row["fact_accuracy"]
+                self._scored += 1
+        self._file.flush()
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if self._file is None:
+            return
+        self._file.close()
+        self._file = None
+        facts = f"; fact accuracy {100 * self._facts / self._scored:.1f}%" if self._scored else ""
+        print(f"wrote {self._count} generations to {self.target(trainer)}{facts}")
 
 
 class GenerationCheck(L.Callback):

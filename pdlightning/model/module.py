@@ -84,6 +84,36 @@ class Schedule:
     stage_scales: list[float] | None = None
 
 
+@dataclass
+class PredictConfig:
+    """How ``pdlightning predict`` decodes the test prompts.
+
+    Attributes:
+        decoder: Short name or class path of a decoding strategy; None = the one
+            that matches the last training stage (``planned``, ``dense_planned``
+            when the data is dense, ``autoregressive`` or ``diffusion``).
+        args: Its constructor arguments (``step_ratio``, ``max_new_tokens``...).
+        seed: Seed of the decoder's sampling (each batch from ``seed + batch index``).
+    """
+
+    decoder: str | None = None
+    args: dict[str, Any] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.decoder is not None:  # a misspelt decoder or knob is a config error, not a failure mid-run
+            from pdlightning.decoding import get_strategy
+
+            try:
+                get_strategy(self.decoder, **(self.args or {}))
+            except (TypeError, ValueError, ImportError, AttributeError) as e:
+                raise ValueError(f"model.predict: {e}") from None
+
+
+#: The decoder that matches a training objective (``predict`` with no decoder named).
+OBJECTIVE_DECODERS = {"planned": "planned", "autoregressive": "autoregressive", "diffusion": "diffusion"}
+
+
 def _adamw(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0)
 
@@ -103,6 +133,7 @@ class PlannedDiffusionModule(L.LightningModule):
         schedule: Learning-rate schedule (ignored when ``lr_scheduler`` is given).
         lr_scheduler: A scheduler factory replacing ``schedule``.
         seed: Seed of the diffusion noise.
+        predict: How ``predict`` decodes (the decoder and its knobs).
     """
 
     def __init__(
@@ -115,17 +146,21 @@ class PlannedDiffusionModule(L.LightningModule):
         schedule: Schedule | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         seed: int = 0,
+        predict: PredictConfig | None = None,
     ) -> None:
         super().__init__()
         if tokenizer is None or spec is None:
             raise ValueError("tokenizer and spec are required (LightningCLI links them from the data module)")
-        self.save_hyperparameters(ignore=["tokenizer", "spec", "optimizer", "lr_scheduler"])
+        # `predict` is a run-time choice, not the model's: LightningCLI applies a checkpoint's
+        # hyperparameters over the command line's, so saving it would pin the decoder of `fit`
+        self.save_hyperparameters(ignore=["tokenizer", "spec", "optimizer", "lr_scheduler", "predict"])
         self.tokenizer, self.spec = tokenizer, spec
         self.backbone_config = backbone or BackboneConfig()
         self.objective = objective or ObjectiveConfig()
         self.schedule = schedule or Schedule()
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.seed = seed
+        self.predict_config = predict or PredictConfig()
         bc = self.backbone_config
         self.backbone = build_backbone(
             pretrained=bc.pretrained,
@@ -262,6 +297,42 @@ class PlannedDiffusionModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self.on_validation_epoch_end()
+
+    def predict_strategy(self) -> Any:
+        """The decoding strategy ``predict`` uses (:class:`PredictConfig`)."""
+        from pdlightning.decoding import get_strategy
+
+        name = self.predict_config.decoder
+        if name is None:
+            dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            mode = dm.stages[-1].mode if dm is not None else "planned"
+            name = OBJECTIVE_DECODERS[mode]
+            if name == "planned" and getattr(dm, "dense", False):
+                name = "dense_planned"
+        return get_strategy(name, **(self.predict_config.args or {}))
+
+    def on_predict_start(self) -> None:
+        self._predict_strategy = self.predict_strategy()  # a bad decoder or knob fails before any batch
+
+    def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
+        """Decode a batch of test prompts (rows with ``prompt_ids``, ``index`` and
+        maybe ``answer_keys``); one result dict per prompt, scored against its keys."""
+        from pdlightning.data.synthetic import fact_accuracy
+
+        strategy = getattr(self, "_predict_strategy", None) or self.predict_strategy()
+        generator = torch.Generator().manual_seed(self.predict_config.seed + batch_idx)
+        gens = strategy.generate(self.language_model(), [r["prompt_ids"] for r in batch], generator)
+        out = []
+        name = self.predict_config.decoder or strategy.name
+        for row, g in zip(batch, gens, strict=True):
+            result = {"index": row["index"], "decoder": name, **g.to_dict()}
+            if row.get("prompt") is not None:
+                result["prompt"] = row["prompt"]  # the text, not the chat-formatted ids decoded
+            if row.get("answer_keys") is not None:
+                result["answer_keys"] = row["answer_keys"]
+                result["fact_accuracy"] = fact_accuracy(g.text, row["answer_keys"])
+            out.append(result)
+        return out
 
     # ------------------------------------------------------------------ optimisation
 
