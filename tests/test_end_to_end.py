@@ -119,6 +119,20 @@ def test_predict_decodes_the_test_prompts_from_the_checkpoint_and_writes_them(tr
 
 
 @pytest.mark.slow
+def test_validate_and_test_a_checkpoint_score_the_last_stage_under_their_own_names(trained: Path, tmp_path: Path):
+    common = ("--config", "configs/smoke.yaml", f"--trainer.default_root_dir={tmp_path}",
+              f"--trainer.logger.init_args.save_dir={tmp_path}", f"--data.cache_dir={ROOT / '.cache/pdlightning'}",
+              "--ckpt_path", str(next(trained.rglob("last.ckpt"))))
+    for sub, prefix in (("validate", "val"), ("test", "test")):
+        out = cli(sub, *common)
+        assert out.returncode == 0, out.stderr[-3000:]
+        # the smoke run ends on the planned objective (its first stage is AR): both terms are scored
+        for key in ("loss", "ar_loss", "plan_accuracy", "diffusion_loss", "masked_accuracy"):
+            assert f" {prefix}/{key} " in out.stdout, (sub, key, out.stdout[-2000:])
+        assert sub == "validate" or " val/" not in out.stdout
+
+
+@pytest.mark.slow
 def test_generate_command_refuses_a_bad_knob(trained: Path):
     out = cli("generate", "--checkpoint", str(trained / "hf"), "--decoder", "planned", "--prompt", "hi",
               "--r", "-1")

@@ -334,7 +334,12 @@ class PlannedDataModule(L.LightningDataModule):
         return self._loader("train", self.stage_at(epoch).mode, epoch, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", self.stage_at(self._current_epoch()).mode, 0, train=False)
+        """While fitting, the current stage's layout; otherwise (``pdlightning validate``
+        of a checkpoint) the last stage's, the objective the model finished with."""
+        trainer = getattr(self, "trainer", None)
+        fitting = trainer is not None and getattr(trainer.state.fn, "value", None) == "fit"
+        mode = self.stage_at(self._current_epoch()).mode if fitting else self.stages[-1].mode
+        return self._loader("validation", mode, 0, train=False)
 
     def _test_split(self) -> str:
         return "test" if "test" in self.splits or not self.splits else "validation"

@@ -270,6 +270,18 @@ class PlannedDiffusionModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, batch_idx, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_sums("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_sums("test")
+
+    def _eval_step(self, batch: Batch, batch_idx: int, prefix: str) -> torch.Tensor:
         generator = torch.Generator(device=batch.input_ids.device).manual_seed(self.seed + batch_idx)
         terms = self.loss_terms(batch, generator)
         self.val_sums["ar_loss"].update(terms.ar_sum)
@@ -278,25 +290,19 @@ class PlannedDiffusionModule(L.LightningModule):
         self.val_sums["masked_count"].update(terms.masked_count)
         self.val_sums["plan_correct"].update(terms.ar_correct)
         self.val_sums["masked_correct"].update(terms.masked_correct)
-        self.log("val/loss", terms.loss, prog_bar=True, batch_size=len(batch), sync_dist=True)
+        self.log(f"{prefix}/loss", terms.loss, prog_bar=True, batch_size=len(batch), sync_dist=True)
         return terms.loss
 
-    def on_validation_epoch_end(self) -> None:
+    def _log_eval_sums(self, prefix: str) -> None:
         s = {k: m.compute() for k, m in self.val_sums.items()}
         if s["ar_count"] > 0:
-            self.log("val/ar_loss", s["ar_loss"] / s["ar_count"])
-            self.log("val/plan_accuracy", s["plan_correct"] / s["ar_count"])
+            self.log(f"{prefix}/ar_loss", s["ar_loss"] / s["ar_count"])
+            self.log(f"{prefix}/plan_accuracy", s["plan_correct"] / s["ar_count"])
         if s["masked_count"] > 0:
-            self.log("val/diffusion_loss", s["diffusion_loss"] / s["masked_count"])
-            self.log("val/masked_accuracy", s["masked_correct"] / s["masked_count"])
+            self.log(f"{prefix}/diffusion_loss", s["diffusion_loss"] / s["masked_count"])
+            self.log(f"{prefix}/masked_accuracy", s["masked_correct"] / s["masked_count"])
         for m in self.val_sums.values():
             m.reset()
-
-    def test_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        return self.validation_step(batch, batch_idx)
-
-    def on_test_epoch_end(self) -> None:
-        self.on_validation_epoch_end()
 
     def predict_strategy(self) -> Any:
         """The decoding strategy ``predict`` uses (:class:`PredictConfig`)."""
