@@ -17,6 +17,12 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 log = logging.getLogger(__name__)
 
 
+def _is_last_of_kind(callback: L.Callback, kind: type, trainer: L.Trainer) -> bool:
+    """Whether ``callback`` is the trainer's last ``kind``: only that one acts, so
+    appending one on the command line redirects a config's instead of doubling it."""
+    return [c for c in trainer.callbacks if isinstance(c, kind)][-1] is callback
+
+
 class ExportHF(L.Callback):
     """Write the trained model as a HF directory when ``fit`` ends (rank 0).
 
@@ -37,8 +43,7 @@ class ExportHF(L.Callback):
         return Path(trainer.log_dir or trainer.default_root_dir) / "hf"
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        last = [c for c in trainer.callbacks if isinstance(c, ExportHF)][-1]
-        if trainer.is_global_zero and self is last:
+        if trainer.is_global_zero and _is_last_of_kind(self, ExportHF, trainer):
             out = pl_module.export(str(self.target(trainer)))
             log.info("exported the trained model to %s", out)
             print(f"exported the trained model to {out}")
@@ -71,7 +76,7 @@ class WriteGenerations(BasePredictionWriter):
         return path
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if [c for c in trainer.callbacks if isinstance(c, WriteGenerations)][-1] is not self:
+        if not _is_last_of_kind(self, WriteGenerations, trainer):
             return
         out = self.target(trainer)
         out.parent.mkdir(parents=True, exist_ok=True)

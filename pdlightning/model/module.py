@@ -110,10 +110,6 @@ class PredictConfig:
                 raise ValueError(f"model.predict: {e}") from None
 
 
-#: The decoder that matches a training objective (``predict`` with no decoder named).
-OBJECTIVE_DECODERS = {"planned": "planned", "autoregressive": "autoregressive", "diffusion": "diffusion"}
-
-
 def _adamw(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0)
 
@@ -309,25 +305,25 @@ class PlannedDiffusionModule(L.LightningModule):
         from pdlightning.decoding import get_strategy
 
         name = self.predict_config.decoder
-        if name is None:
+        if name is None:  # each objective's decoder shares its name
             dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-            mode = dm.stages[-1].mode if dm is not None else "planned"
-            name = OBJECTIVE_DECODERS[mode]
+            name = dm.stages[-1].mode if dm is not None else "planned"
             if name == "planned" and getattr(dm, "dense", False):
                 name = "dense_planned"
         return get_strategy(name, **(self.predict_config.args or {}))
 
     def on_predict_start(self) -> None:
         self._predict_strategy = self.predict_strategy()  # a bad decoder or knob fails before any batch
+        self._predict_lm = self.language_model()
 
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
         """Decode a batch of test prompts (rows with ``prompt_ids``, ``index`` and
         maybe ``answer_keys``); one result dict per prompt, scored against its keys."""
         from pdlightning.data.synthetic import fact_accuracy
 
-        strategy = getattr(self, "_predict_strategy", None) or self.predict_strategy()
+        strategy, lm = self._predict_strategy, self._predict_lm  # on_predict_start
         generator = torch.Generator().manual_seed(self.predict_config.seed + batch_idx)
-        gens = strategy.generate(self.language_model(), [r["prompt_ids"] for r in batch], generator)
+        gens = strategy.generate(lm, [r["prompt_ids"] for r in batch], generator)
         out = []
         name = self.predict_config.decoder or strategy.name
         for row, g in zip(batch, gens, strict=True):
