@@ -7,7 +7,8 @@ Uses the models `pdlightning demo` (or `pdlightning bench`) trained: the AR
 baseline for AR, the planned model for PD, and, when present, the dense and
 diffusion models for PD-DA, vanilla diffusion and Fast-dLLM. Latency is per
 response: batch seconds / batch size; forward passes are those of the batch a
-response was decoded in. Prints a table and one JSON line last.
+response was decoded in. The rows take turns over chunks of prompts (the largest batch size), so a
+spell of a slower machine hits them alike. Prints a table and one JSON line last.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from pdlightning.decoding import LanguageModel
-from pdlightning.eval.bench import BenchConfig, evaluate_row, load_prompts
+from pdlightning.eval.bench import BenchConfig, Job, evaluate_rows, load_prompts
 
 ROWS = [  # name, model directory, decoder, args
     ("AR", "autoregressive", "autoregressive", {"max_new_tokens": 400}),
@@ -44,17 +45,13 @@ def main() -> None:
     if "autoregressive" not in models:
         raise SystemExit(f"no AR model under {a.models}: run `pdlightning demo` first")
     lms = {name: LanguageModel.from_pretrained(path) for name, path in models.items()}
-    out: dict[str, dict] = {}
-    for bs in a.batch_sizes:
-        for name, model, decoder, args in ROWS:
-            if model not in lms:
-                continue
-            res, _ = evaluate_row(lms[model], decoder, {**args, "batch_size": bs}, prompts, cfg, f"{name} b{bs}")
-            out[f"{name}@{bs}"] = res
-        base = out[f"AR@{bs}"]
-        for key in [k for k in out if k.endswith(f"@{bs}")]:
-            out[key]["speedup_vs_ar"] = base["latency_s"] / out[key]["latency_s"]
-            out[key]["passes_vs_ar"] = out[key]["forward_passes"] / base["forward_passes"]
+    jobs = [Job(f"{name}@{bs}", lms[model], decoder, {**args, "batch_size": bs})
+            for bs in a.batch_sizes for name, model, decoder, args in ROWS if model in lms]
+    out = {j.label: res for j, (res, _) in zip(jobs, evaluate_rows(jobs, prompts, cfg), strict=True)}  # taking turns
+    for key, r in out.items():
+        base = out[f"AR@{key.split('@')[1]}"]
+        r["speedup_vs_ar"] = base["latency_s"] / r["latency_s"]
+        r["passes_vs_ar"] = r["forward_passes"] / base["forward_passes"]
     print(f"{'decoder@batch':<16}{'facts':>7}{'latency s':>11}{'speed-up':>10}{'passes':>9}{'vs AR':>7}{'crit path':>11}")
     for key, r in out.items():
         print(f"{key:<16}{100 * r['fact_accuracy']:>6.1f}%{r['latency_s']:>11.3f}{r['speedup_vs_ar']:>9.2f}x"

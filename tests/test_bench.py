@@ -42,6 +42,35 @@ def test_facts_against_other_prompts_keys_by_hand_and_on_reference_answers():
     assert own < 0.5 and fact_accuracy_against_others(guesses, all_keys, families) == pytest.approx(own, abs=0.15)
 
 
+def test_rows_take_turns_over_the_prompts_and_decode_as_they_would_alone():
+    """A spell of a slow machine must hit every row alike: each chunk of prompts is
+    decoded by every row before the next chunk starts, and taking turns changes
+    no answer."""
+    from mock_lm import encode, make_mock_lm
+
+    from pdlightning.decoding import get_strategy
+    from pdlightning.eval.bench import Job, evaluate_rows
+
+    log: list[str] = []
+    jobs = []
+    for label, text, batch in [("A", "the cat", 1), ("B", "a dog ran", 2)]:
+        lm = make_mock_lm(encode(text) + [None] * 3)
+        forward = lm.forward
+        lm.forward = lambda *a, _f=forward, _l=label, **k: log.append(_l) or _f(*a, **k)
+        jobs.append(Job(label, lm, "autoregressive", {"max_new_tokens": 6, "batch_size": batch}))
+    prompts = [{"prompt": f"prompt {i}", "answer_keys": ["cat"], "family": "f"} for i in range(5)]
+    evaluated = evaluate_rows(jobs, prompts, BenchConfig(warmup=1))
+    turns = [label for i, label in enumerate(log) if i == 0 or log[i - 1] != label]
+    # warm-up A, warm-up B, then chunks of 2 prompts (B's batch size): A A | B, three times
+    assert turns == ["A", "B"] * 4
+    for job, (result, gens) in zip(jobs, evaluated, strict=True):
+        alone = get_strategy(job.decoder, **job.args).generate(job.lm, [p["prompt"] for p in prompts])
+        assert [g.text for g in gens] == [g.text for g in alone]
+        assert result["n"] == 5
+    assert evaluated[0][1][0].text.startswith("the cat") and evaluated[1][1][0].text.startswith("a dog ran")
+    assert evaluated[0][0]["fact_accuracy"] == 1.0 and evaluated[1][0]["fact_accuracy"] == 0.0
+
+
 def test_bench_config_refuses_unknown_keys_and_models(tmp_path: Path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("modles: {}\n")

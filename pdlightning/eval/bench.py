@@ -161,19 +161,48 @@ def load_prompts(cfg: BenchConfig) -> list[dict[str, Any]]:
     return [{k: rows[i][k] for k in ("prompt", "answer_keys", "family")} for i in range(n)]
 
 
-def evaluate_row(lm: LanguageModel, decoder: str, args: dict[str, Any], prompts: list[dict[str, Any]],
-                 cfg: BenchConfig, label: str) -> tuple[dict[str, Any], list[Generation]]:
-    """Decode every prompt with one strategy; quality, latency and counters."""
+@dataclass
+class Job:
+    """One row to decode: a label, its model, and its strategy's name and arguments."""
+
+    label: str
+    lm: LanguageModel
+    decoder: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+def evaluate_rows(jobs: list[Job], prompts: list[dict[str, Any]],
+                  cfg: BenchConfig) -> list[tuple[dict[str, Any], list[Generation]]]:
+    """Decode every prompt with every job, taking turns; score each job.
+
+    The prompts go in chunks (the largest batch size of any job), and every job
+    decodes a chunk before the next chunk starts. A machine that slows down for
+    a while (another process, a throttled core) then slows every row alike, and
+    the latency ratios between rows hold. Decoding row after row, one such spell
+    during the AR row once made AR look twice as slow as it is.
+    """
+    strategies = [get_strategy(j.decoder, **j.args) for j in jobs]
+    texts = [p["prompt"] for p in prompts]
+    for job, strategy in zip(jobs, strategies, strict=True):  # warm-up, not timed
+        strategy.generate(job.lm, texts[: cfg.warmup], torch.Generator().manual_seed(cfg.seed))
+    generators = [torch.Generator().manual_seed(cfg.seed) for _ in jobs]
+    gens: list[list[Generation]] = [[] for _ in jobs]
+    chunk = max(s.batch_size for s in strategies)
+    with tqdm(total=len(texts) * len(jobs), desc=f"decoding with {len(jobs)} decoders", unit="answer",
+              leave=False) as bar:
+        for start in range(0, len(texts), chunk):
+            for job, strategy, generator, done in zip(jobs, strategies, generators, gens, strict=True):
+                bar.set_postfix_str(job.label)
+                done.extend(strategy.generate(job.lm, texts[start : start + chunk], generator))
+                bar.update(len(texts[start : start + chunk]))
+    return [(score_row(job.lm, s.batch_size, g, prompts), g) for job, s, g in zip(jobs, strategies, gens, strict=True)]
+
+
+def score_row(lm: LanguageModel, batch_size: int, gens: list[Generation],
+              prompts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Quality, latency per response and counters of one row's generations."""
     from pdlightning.data.synthetic import count_tokens
 
-    strategy = get_strategy(decoder, **args)
-    texts = [p["prompt"] for p in prompts]
-    strategy.generate(lm, texts[: cfg.warmup], torch.Generator().manual_seed(cfg.seed))  # warm-up, not timed
-    gens: list[Generation] = []
-    bar = tqdm(total=len(texts), desc=f"decoding {label}", unit="prompt", leave=False)
-    strategy.generate(lm, texts, torch.Generator().manual_seed(cfg.seed),
-                      on_batch=lambda done: (gens.extend(done), bar.update(len(done))))
-    bar.close()
     facts, validity = FactAccuracy(), PlanValidity()
     span_error, tokens = SpanLengthError(lm.spec.length_unit), TokensPerAnswer()
     answers, keys, families = [g.text for g in gens], [p["answer_keys"] for p in prompts], [p.get("family") for p in prompts]
@@ -183,8 +212,8 @@ def evaluate_row(lm: LanguageModel, decoder: str, args: dict[str, Any], prompts:
     span_error.update(gens, count_tokens)
     tokens.update(gens)
     n = len(gens)
-    per_response = [g.counters.seconds / max(1, strategy.batch_size) for g in gens]
-    result = {
+    per_response = [g.counters.seconds / max(1, batch_size) for g in gens]
+    return {
         "fact_accuracy": float(facts.compute()),
         # the same answers against the keys of the other prompts of their family: what guessing scores
         "fact_accuracy_other_prompts": guessed,
@@ -198,7 +227,6 @@ def evaluate_row(lm: LanguageModel, decoder: str, args: dict[str, Any], prompts:
         "span_length_error": float(span_error.compute()) if any(g.plan for g in gens) else None,
         "n": n,
     }
-    return result, gens
 
 
 def add_ratios(results: dict[str, dict[str, Any]], baseline: str) -> None:
@@ -307,9 +335,14 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         checkpoints[name] = train_model(name, spec, cfg, checkpoints)
     prompts = load_prompts(cfg)
     lms = {name: LanguageModel.from_pretrained(path) for name, path in checkpoints.items()}
+    rows_by_name = {d.name: d for d in cfg.decoders}
+    swept = [(sw, value) for sw in cfg.sweeps for value in sw.values]
+    jobs = [Job(row.name, lms[row.model], row.decoder, row.args) for row in cfg.decoders] + [
+        Job(f"{sw.row}/{sw.knob}={value}", lms[rows_by_name[sw.row].model], rows_by_name[sw.row].decoder,
+            {**rows_by_name[sw.row].args, sw.knob: value}) for sw, value in swept]
+    evaluated = evaluate_rows(jobs, prompts, cfg)  # every row and sweep point, taking turns
     results: dict[str, dict[str, Any]] = {}
-    for row in cfg.decoders:
-        res, gens = evaluate_row(lms[row.model], row.decoder, row.args, prompts, cfg, row.name)
+    for row, (res, gens) in zip(cfg.decoders, evaluated[: len(cfg.decoders)], strict=True):
         results[row.name] = {"model": row.model, "decoder": row.decoder, "args": row.args, **res}
         with (out / f"generations_{row.name}.jsonl").open("w") as f:
             for p, g in zip(prompts, gens, strict=True):
@@ -318,17 +351,11 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
               f"critical path {res['critical_path']:.1f}")
     add_ratios(results, cfg.baseline)
     sweeps: dict[str, list[dict[str, Any]]] = {}
-    rows_by_name = {d.name: d for d in cfg.decoders}
-    for sw in cfg.sweeps:
-        row = rows_by_name[sw.row]
+    for (sw, value), (res, _) in zip(swept, evaluated[len(cfg.decoders):], strict=True):
         key = f"{sw.row}/{sw.knob}"
-        sweeps[key] = []
-        for value in sw.values:
-            res, _ = evaluate_row(lms[row.model], row.decoder, {**row.args, sw.knob: value}, prompts, cfg,
-                                  f"{key}={value}")
-            sweeps[key].append({"value": value, **res,
-                                "speedup_vs_ar": results[cfg.baseline]["latency_s"] / res["latency_s"]})
-            print(f"[bench] {key}={value}: facts {100 * res['fact_accuracy']:.1f}%, {res['latency_s']:.3f} s")
+        sweeps.setdefault(key, []).append(
+            {"value": value, **res, "speedup_vs_ar": results[cfg.baseline]["latency_s"] / res["latency_s"]})
+        print(f"[bench] {key}={value}: facts {100 * res['fact_accuracy']:.1f}%, {res['latency_s']:.3f} s")
     table = markdown_table(results)
     summary = {
         "config": asdict(cfg),
