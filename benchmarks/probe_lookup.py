@@ -11,6 +11,10 @@ Two probes on the bundled test prompts, with the models `pdlightning demo` (or
   the reference plan and every span with those tokens masked (one pass); an AR
   model (the baseline, the warm-up) predicts each from the answer to its left.
   This is how well a model can look a value up when the rest is right.
+  A planned model is also probed with the key tokens to the left of each one
+  given ("left keys given": one pass per key token), which is what an AR
+  model's teacher forcing gives it: ``100`` is three tokens, and AR predicts
+  the last ``0`` having seen ``1 0``. Compare AR models with this column.
 - **Reference plans** (planned models): facts of the planned decoder with its
   own plan, and with the reference answer's first plan forced in its place.
   The difference is what the plans cost; what is left is the spans'.
@@ -71,8 +75,12 @@ def key_token_ids(lm: LanguageModel, keys: list[str]) -> set[int]:
 
 
 @torch.inference_mode()
-def lookup_accuracy(lm: LanguageModel, row: dict, dense: bool | None) -> float:
-    """Greedy accuracy on the reference answer's key tokens (``dense`` None = an AR model)."""
+def lookup_accuracy(lm: LanguageModel, row: dict, dense: bool | None, left_keys: bool = False) -> float:
+    """Greedy accuracy on the reference answer's key tokens (``dense`` None = an AR model).
+
+    ``left_keys``: a planned model predicts each key token with the key tokens
+    to its left unmasked, one pass each (an AR model always has them).
+    """
     spec, tok = lm.spec, lm.tokenizer
     prompt = format_prompt(tok, row["prompt"])
     if dense is None:
@@ -95,12 +103,19 @@ def lookup_accuracy(lm: LanguageModel, row: dict, dense: bool | None) -> float:
         role = roles(ids, spec, torch.tensor([len(prompt)], device=lm.device))
         probe = keys & (role == Role.CONTENT)
         x = torch.where(probe, spec.id("mask"), ids)
+    targets = probe[0].nonzero()[:, 0]
+    per_key = left_keys and dense is not None
+    if per_key:  # row k: key tokens k, k+1, ... masked; scores key token k
+        x = ids.repeat(len(targets), 1)
+        later = targets[None, :] >= targets[:, None]
+        x[:, targets] = torch.where(later, spec.id("mask"), x[:, targets])
     mask = batch_attention_mask(x, spec, dense=bool(dense))
-    logits = lm.forward(x, mask, torch.arange(x.shape[1], device=lm.device)[None]).logits[0]
-    pred = logits.argmax(-1)
+    pos = torch.arange(x.shape[1], device=lm.device)[None].expand(x.shape[0], -1)
+    pred = lm.forward(x, mask, pos).logits.argmax(-1)
     if lm.shift or dense is None:  # token i scored at i - 1
-        pred = torch.cat([pred[:1], pred[:-1]])
-    return float((pred[probe[0]] == ids[0][probe[0]]).float().mean())
+        pred = torch.cat([pred[:, :1], pred[:, :-1]], dim=1)
+    pred = pred[torch.arange(len(targets)) if per_key else 0, targets]
+    return float((pred == ids[0, targets]).float().mean())
 
 
 def planned_facts(lm: LanguageModel, row: dict, dense: bool, reference: bool) -> float:
@@ -137,6 +152,7 @@ def main() -> None:
         for row in rows:
             found = {f"{d.name} look-ups": lookup_accuracy(lm, row, dense)}
             if dense is not None:
+                found[f"{d.name} look-ups, left keys given"] = lookup_accuracy(lm, row, dense, left_keys=True)
                 found[f"{d.name} facts"] = planned_facts(lm, row, dense, reference=False)
                 found[f"{d.name} facts, ref. plan"] = planned_facts(lm, row, dense, reference=True)
             for col, v in found.items():
