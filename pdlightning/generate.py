@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lm = LanguageModel.from_pretrained(
             args.checkpoint, device=args.device, attn_implementation=args.attn_implementation
         )
-    except OSError as e:  # a missing checkpoint or prompt file
+    except (OSError, ValueError) as e:  # a missing checkpoint or prompt file; flex on CPU
         raise SystemExit(f"pdlightning generate: {e}") from None
     out = open(args.output, "w") if args.output else None  # noqa: SIM115
     colour = sys.stdout.isatty()

@@ -208,11 +208,15 @@ def hybrid_attention_mask(
     return batch_attention_mask(ids.view(1, -1), spec, dense=dense)[0, 0]
 
 
-def check_attention(attn_implementation: str | None) -> None:
-    """Refuse an attention implementation that cannot take an arbitrary 4D mask.
+def check_attention(attn_implementation: str | None, device: torch.device | str | None = None) -> None:
+    """Refuse an attention implementation that cannot take the hybrid mask (on ``device``).
 
     ``flash_attention_2`` (and 3) take only causal or padding masks, never the
     hybrid mask that every pdlightning objective and decoder uses.
+    ``flex_attention`` is refused on CPU: transformers runs it compiled, and
+    torch 2.13's compiled CPU kernel has no backward and returned NaN or wrong
+    outputs on an AVX2 machine (8 queries over 24 keys, every key visible),
+    where eager flex and sdpa agree. It is for GPUs.
 
     Raises:
         ValueError: Naming the implementation and what to use instead.
@@ -221,6 +225,11 @@ def check_attention(attn_implementation: str | None) -> None:
         raise ValueError(
             f"attn_implementation {attn_implementation!r} cannot take the hybrid attention mask that every "
             "pdlightning objective and decoder uses; use 'flex_attention' (GPU) or 'sdpa'"
+        )
+    if attn_implementation == "flex_attention" and device is not None and torch.device(device).type == "cpu":
+        raise ValueError(
+            "attn_implementation 'flex_attention' is for GPUs: torch's compiled CPU flex kernel has no backward "
+            "and returned wrong outputs (NaN) on some CPUs; use 'sdpa' on CPU"
         )
 
 
@@ -232,10 +241,13 @@ def for_attention(mask: torch.Tensor, attn_implementation: str | None) -> Any:
     would add 1 where it should block), so for it the mask becomes a
     ``BlockMask``, which also lets flex skip the blocks no row may see.
     """
-    check_attention(attn_implementation)
-    if attn_implementation == "flex_attention":
-        from torch.nn.attention.flex_attention import create_block_mask
+    check_attention(attn_implementation, mask.device)
+    return block_mask(mask) if attn_implementation == "flex_attention" else mask
 
-        b, _, q, k = mask.shape
-        return create_block_mask(lambda bi, hi, qi, ki: mask[bi, 0, qi, ki], b, None, q, k, device=mask.device)
-    return mask
+
+def block_mask(mask: torch.Tensor) -> Any:
+    """A 4D bool mask ``[B, 1, Q, K]`` as a flex ``BlockMask`` (one per row, shared by the heads)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    b, _, q, k = mask.shape
+    return create_block_mask(lambda bi, hi, qi, ki: mask[bi, 0, qi, ki], b, None, q, k, device=mask.device)

@@ -94,31 +94,60 @@ def _twins(device: str = "cpu"):
     return sdpa, flex
 
 
-def test_flex_attention_decodes_as_sdpa_does_under_the_hybrid_mask():
+def test_the_hybrid_mask_as_a_block_mask_attends_as_the_bool_mask_does():
     """flex takes the hybrid mask as a BlockMask (a bool tensor would be added to its scores).
 
-    On CPU torch runs flex forward only and compiles it per shape, so this runs
-    a prefill and one cached extension step, sparse and dense, through the
-    decoders' own forward (:meth:`LanguageModel.forward`).
+    Eager flex, torch's reference implementation and correct on CPU, against
+    sdpa with the bool mask: the shapes of a prefill and of a cached extension
+    step (fewer queries than keys), sparse and dense.
     """
-    import torch._dynamo
+    from torch.nn.attention.flex_attention import flex_attention
 
-    from pdlightning.decoding.lm import LanguageModel
-    from pdlightning.masks import batch_attention_mask
+    from pdlightning.masks import block_mask
 
-    models = [LanguageModel(m, None, SPEC) for m in _twins()]
-    pos = torch.arange(FLEX_IDS.shape[1]).expand(2, -1)
+    torch.manual_seed(0)
     cut = 16
-    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
-        for dense in (False, True):
-            mask = batch_attention_mask(FLEX_IDS, SPEC, dense=dense)
-            out = []
-            for lm in models:
-                cache = lm.new_cache()
-                first = lm.forward(FLEX_IDS[:, :cut], mask[:, :, :cut, :cut], pos[:, :cut], cache, use_cache=True)
-                then = lm.forward(FLEX_IDS[:, cut:], mask[:, :, cut:, :], pos[:, cut:], first.past_key_values)
-                out.append(torch.cat([first.logits, then.logits], 1))
-            assert torch.allclose(out[0], out[1], atol=1e-5), f"dense={dense}: flex and sdpa disagree"
+    for dense in (False, True):
+        full = batch_attention_mask(FLEX_IDS, SPEC, dense=dense)
+        for mask in (full[:, :, :cut, :cut], full[:, :, cut:, :]):
+            b, _, q, k = mask.shape
+            qs, ks, vs = torch.randn(b, 4, q, 16), torch.randn(b, 4, k, 16), torch.randn(b, 4, k, 16)
+            want = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
+            got = flex_attention(qs, ks, vs, block_mask=block_mask(mask))
+            assert torch.allclose(got, want, atol=1e-5), f"dense={dense}, {q} queries: flex and sdpa disagree"
+
+
+def test_flex_attention_is_refused_on_cpu_before_anything_is_loaded():
+    """transformers runs flex compiled; torch's compiled CPU kernel returned NaN on an AVX2 machine."""
+    from pdlightning.decoding.lm import LanguageModel
+    from pdlightning.masks import for_attention
+
+    with pytest.raises(ValueError, match="flex_attention.*GPUs.*'sdpa' on CPU"):
+        for_attention(batch_attention_mask(FLEX_IDS, SPEC), "flex_attention")
+    with pytest.raises(ValueError, match="flex_attention.*GPUs"):  # before looking for the directory
+        LanguageModel.from_pretrained("no/such/dir", device="cpu", attn_implementation="flex_attention")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention runs on GPUs only")
+def test_flex_attention_decodes_as_sdpa_does_under_the_hybrid_mask():
+    """A prefill and one cached extension step, sparse and dense, through the
+    decoders' own forward (:meth:`LanguageModel.forward`)."""
+    from pdlightning.decoding.lm import LanguageModel
+
+    models = [LanguageModel(m, None, SPEC) for m in _twins("cuda")]
+    ids = FLEX_IDS.cuda()
+    pos = torch.arange(ids.shape[1], device="cuda").expand(2, -1)
+    cut = 16
+    for dense in (False, True):
+        mask = batch_attention_mask(ids, SPEC, dense=dense)
+        out = []
+        for lm in models:
+            cache = lm.new_cache()
+            first = lm.forward(ids[:, :cut], mask[:, :, :cut, :cut], pos[:, :cut], cache, use_cache=True)
+            then = lm.forward(ids[:, cut:], mask[:, :, cut:, :], pos[:, cut:], first.past_key_values)
+            out.append(torch.cat([first.logits, then.logits], 1))
+        assert torch.allclose(out[0], out[1], atol=1e-4), f"dense={dense}: flex and sdpa disagree"
 
 
 @pytest.mark.gpu

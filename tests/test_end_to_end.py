@@ -137,6 +137,9 @@ def test_generate_command_refuses_a_bad_knob(trained: Path):
     out = cli("generate", "--checkpoint", str(trained / "hf"), "--decoder", "planned", "--prompt", "hi",
               "--r", "-1")
     assert out.returncode != 0 and "step_ratio" in out.stderr
+    out = cli("generate", "--checkpoint", str(trained / "hf"), "--prompt", "hi", "--attn_implementation",
+              "flex_attention")
+    assert out.returncode != 0 and "Traceback" not in out.stderr and "'sdpa' on CPU" in out.stderr
 
 
 @pytest.mark.slow

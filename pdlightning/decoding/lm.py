@@ -167,7 +167,7 @@ class LanguageModel:
         """
         from pdlightning.tokenizer import add_control_tokens
 
-        check_attention(attn_implementation)
+        check_attention(attn_implementation, device)
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"checkpoint directory {str(directory)!r} does not exist")
