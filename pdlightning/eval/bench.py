@@ -191,10 +191,11 @@ def evaluate_rows(jobs: list[Job], prompts: list[dict[str, Any]],
     with tqdm(total=len(texts) * len(jobs), desc=f"decoding with {len(jobs)} decoders", unit="answer",
               leave=False) as bar:
         for start in range(0, len(texts), chunk):
+            part = texts[start : start + chunk]
             for job, strategy, generator, done in zip(jobs, strategies, generators, gens, strict=True):
                 bar.set_postfix_str(job.label)
-                done.extend(strategy.generate(job.lm, texts[start : start + chunk], generator))
-                bar.update(len(texts[start : start + chunk]))
+                done.extend(strategy.generate(job.lm, part, generator))
+                bar.update(len(part))
     return [(score_row(job.lm, s.batch_size, g, prompts), g) for job, s, g in zip(jobs, strategies, gens, strict=True)]
 
 
@@ -337,9 +338,10 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     lms = {name: LanguageModel.from_pretrained(path) for name, path in checkpoints.items()}
     rows_by_name = {d.name: d for d in cfg.decoders}
     swept = [(sw, value) for sw in cfg.sweeps for value in sw.values]
-    jobs = [Job(row.name, lms[row.model], row.decoder, row.args) for row in cfg.decoders] + [
-        Job(f"{sw.row}/{sw.knob}={value}", lms[rows_by_name[sw.row].model], rows_by_name[sw.row].decoder,
-            {**rows_by_name[sw.row].args, sw.knob: value}) for sw, value in swept]
+    jobs = [Job(row.name, lms[row.model], row.decoder, row.args) for row in cfg.decoders]
+    for sw, value in swept:
+        row = rows_by_name[sw.row]
+        jobs.append(Job(f"{sw.row}/{sw.knob}={value}", lms[row.model], row.decoder, {**row.args, sw.knob: value}))
     evaluated = evaluate_rows(jobs, prompts, cfg)  # every row and sweep point, taking turns
     results: dict[str, dict[str, Any]] = {}
     for row, (res, gens) in zip(cfg.decoders, evaluated[: len(cfg.decoders)], strict=True):
