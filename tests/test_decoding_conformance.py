@@ -31,6 +31,7 @@ from pdlightning.decoding import (
 )
 from pdlightning.decoding.diffusion import read_response
 from pdlightning.decoding.fast_dllm import block_caps, confident_count
+from pdlightning.decoding.sampling import unmask_scores
 from pdlightning.model.backbone import TINY_QWEN2, build_backbone
 from pdlightning.tokenizer import ROLE_TOKENS, format_prompt
 
@@ -265,10 +266,44 @@ def test_diffusion_steps_default_to_the_budget_and_trailing_end_and_pads_are_tri
     assert read_response([5, PAD, 6, END, 7, END, PAD], END, PAD) == ([5, PAD, 6, END], [5, 6])
 
 
-@pytest.mark.parametrize("order", ["entropy", "confidence", "random"])
+@pytest.mark.parametrize("order", ["entropy", "confidence", "random", "left_to_right"])
 def test_diffusion_orders_fill_every_position(order: str):
     for g in run("diffusion", order=order, steps=10):
         assert MASK not in g.token_ids and g.critical_path == 10
+
+
+def test_left_to_right_order_commits_the_leftmost_masks():
+    probs = torch.tensor([[0.1, 0.9], [0.5, 0.5], [0.9, 0.1], [0.2, 0.8]])
+    tokens = probs.argmax(-1)
+    gen = torch.Generator().manual_seed(0)
+    scores = unmask_scores(probs, tokens, "left_to_right", gen, torch.tensor([7, 3, 5, 4]))
+    assert scores.argsort(descending=True).tolist() == [1, 3, 2, 0]  # positions 3, 4, 5, 7
+    with pytest.raises(ValueError, match="needs the positions"):
+        unmask_scores(probs, tokens, "left_to_right", gen)
+    with pytest.raises(ValueError, match="choose one of entropy, confidence, random, left_to_right"):
+        unmask_scores(probs, tokens, "best", gen)
+
+
+def test_diffusion_left_to_right_fills_the_budget_from_its_left(monkeypatch):
+    """Every pass sees each row's masks as one block at the right; the entropy order
+    (the mock's confidence varies by position) breaks that shape."""
+
+    def holes(order: str) -> int:
+        seen = []
+        forward = LM.backbone.forward
+
+        def record(input_ids, *args, **kwargs):
+            seen.append(input_ids.clone())
+            return forward(input_ids, *args, **kwargs)
+
+        monkeypatch.setattr(LM.backbone, "forward", record)
+        run("diffusion", order=order, steps=20)
+        monkeypatch.undo()
+        assert len(seen) == 20
+        return sum((row == MASK).tolist() != sorted((row == MASK).tolist()) for ids in seen for row in ids)
+
+    assert holes("left_to_right") == 0
+    assert holes("entropy") > 0
 
 
 # ----------------------------------------------------------------------------- Fast-dLLM

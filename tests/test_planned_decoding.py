@@ -263,10 +263,51 @@ def test_sync_false_plans_once():
 
 
 def test_unmasking_orders_fill_every_span():
-    for order in ("entropy", "confidence", "random"):
+    for order in ("entropy", "confidence", "random", "left_to_right"):
         (g,), _ = run(TWO_ROUNDS, order=order)
         check_well_formed(g)
         assert span_lengths(g.token_ids) == [4, 2, 6]
+
+
+def span_contents(ids: list[int]) -> list[list[int]]:
+    """The content of every span in ``ids`` (after its topic head), pads and masks included."""
+    out, inside = [], False
+    for t in ids:
+        if t == SO:
+            inside, head = True, True
+            out.append([])
+        elif t == SC:
+            inside = False
+        elif inside and head:
+            head = t != PC
+        elif inside:
+            out[-1].append(t)
+    return out
+
+
+@pytest.mark.parametrize("step_ratio", [1.0, 0.5])
+def test_left_to_right_order_fills_each_span_from_its_left(step_ratio: float):
+    """Every pass sees each span as committed tokens followed by masks only.
+
+    The content mock is most confident at every third position, so the
+    entropy order breaks this shape; left_to_right must keep it."""
+
+    def partial_spans(order: str) -> tuple[int, int]:
+        (g,), model = run(TWO_ROUNDS, order=order, step_ratio=step_ratio)
+        check_well_formed(g)
+        partial = holes = 0
+        for ids, _ in model.calls:
+            for span in span_contents(ids[0].tolist()):
+                masked = [t == MASK for t in span]
+                if any(masked) and not all(masked):
+                    partial += 1
+                    holes += masked != sorted(masked)  # a mask left of a committed token
+        return partial, holes
+
+    partial, holes = partial_spans("left_to_right")
+    assert partial > 0 and holes == 0
+    partial, holes = partial_spans("entropy")
+    assert partial > 0 and holes > 0
 
 
 # ----------------------------------------------------------------------------- repairs

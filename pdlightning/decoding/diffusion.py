@@ -4,8 +4,8 @@ The prompt is followed by a budget of ``max_new_tokens`` mask tokens and the
 whole sequence, prompt included, is denoised under full bidirectional
 attention (padding columns excepted). Each of ``steps`` passes commits
 ``ceil(masks left / steps left)`` positions of every row, chosen by
-``order``: lowest entropy first (Dream's default), highest confidence, or at
-random. The response is read up to its first end token; pads are dropped
+``order``: lowest entropy first (Dream's default), highest confidence, at
+random, or left to right. The response is read up to its first end token; pads are dropped
 from the answer.
 
 Rows are LEFT padded, so every row's generation region is the same columns
@@ -26,7 +26,7 @@ import torch
 from pdlightning.decoding.autoregressive import ban_tokens, left_pad
 from pdlightning.decoding.base import DecodingStrategy, RowOutput, register
 from pdlightning.decoding.lm import LanguageModel
-from pdlightning.decoding.sampling import UnmaskOrder, sample_tokens, unmask_scores
+from pdlightning.decoding.sampling import UnmaskOrder, check_order, sample_tokens, unmask_scores
 
 
 def bidirectional_mask(key_valid: torch.Tensor) -> torch.Tensor:
@@ -89,7 +89,7 @@ class Diffusion(DecodingStrategy):
             at most the budget.
         order: Which masked positions commit first: ``entropy`` (lowest
             entropy, Dream's default), ``confidence`` (highest probability of
-            the drawn token) or ``random``.
+            the drawn token), ``random`` or ``left_to_right``.
         max_new_tokens: The budget: masks appended after the prompt.
         temperature: 0 = greedy.
         top_p: Nucleus mass (1 = off).
@@ -110,8 +110,7 @@ class Diffusion(DecodingStrategy):
         super().__init__(max_new_tokens, temperature, top_p, top_k, batch_size)
         if steps is not None and steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        if order not in ("entropy", "confidence", "random"):
-            raise ValueError(f"unknown unmasking order {order!r}; choose entropy, confidence or random")
+        check_order(order)
         self.steps = steps
         self.order = order
 
@@ -148,7 +147,8 @@ class Diffusion(DecodingStrategy):
             tokens, probs = sample_tokens(
                 ban_tokens(logits, lm, [mask]), generator, self.temperature, self.top_p, self.top_k
             )
-            scores = unmask_scores(probs, tokens, self.order, generator)
+            columns = torch.arange(n, device=x.device).expand(b, n)
+            scores = unmask_scores(probs, tokens, self.order, generator, columns)
             scores = scores.masked_fill(~is_mask, float("-inf"))
             commit = (rank_desc(scores) < k) & is_mask
             x[:, p:] = torch.where(commit, tokens, region)

@@ -33,7 +33,13 @@ import torch
 
 from pdlightning.decoding.base import DecodingStrategy, RowOutput, register
 from pdlightning.decoding.lm import LanguageModel
-from pdlightning.decoding.sampling import UnmaskOrder, sample_tokens, top_probability, unmask_scores
+from pdlightning.decoding.sampling import (
+    UnmaskOrder,
+    check_order,
+    sample_tokens,
+    top_probability,
+    unmask_scores,
+)
 from pdlightning.layout import head_ids
 from pdlightning.masks import Structure, mask_from_structure, structure
 from pdlightning.tags import PlanEntry
@@ -153,8 +159,10 @@ class PlannedDiffusion(DecodingStrategy):
             (models trained here: True; the authors' checkpoints: False).
         sync: Allow several rounds; False ends after the first round (a
             generated ``<sync/>`` is replaced by EOS).
-        order: Which masked positions commit first: ``entropy`` (lowest),
-            ``confidence`` (highest) or ``random``.
+        order: Which masked positions of a span commit first: ``entropy``
+            (lowest), ``confidence`` (highest), ``random`` or ``left_to_right``
+            (the leftmost: at r = 1 each span is written left to right, the
+            spans still in parallel).
         max_plan_tokens: Plan tokens per round before the round is closed.
         max_spans: Plan entries kept per round.
         max_span_tokens: Upper bound of one span's length in tokens.
@@ -200,8 +208,7 @@ class PlannedDiffusion(DecodingStrategy):
             raise ValueError(f"length_scale must be > 0, got {length_scale}")
         if threshold is not None and not 0 <= threshold <= 1:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-        if order not in ("entropy", "confidence", "random"):
-            raise ValueError(f"unknown unmasking order {order!r}")
+        check_order(order)
         if min(max_plan_tokens, max_spans, max_span_tokens, max_rounds) < 1:
             raise ValueError(
                 "max_plan_tokens, max_spans, max_span_tokens and max_rounds must be >= 1"
@@ -502,7 +509,7 @@ class PlannedDiffusion(DecodingStrategy):
             lg = logits[bi, slot[bi, pi - lm.shift]]
             lg[:, forbidden] = float("-inf")
             tokens, probs = sample_tokens(lg, generator, self.temperature, self.top_p, self.top_k)
-            scores = unmask_scores(probs, tokens, self.order, generator)
+            scores = unmask_scores(probs, tokens, self.order, generator, pi)
             grp = group[bi, pi]
             remaining = torch.bincount(grp, minlength=len(plans) * width)
             left = (steps - taken).clamp(min=1).repeat_interleave(width)

@@ -8,7 +8,9 @@ from typing import Literal
 
 import torch
 
-UnmaskOrder = Literal["entropy", "confidence", "random"]
+UnmaskOrder = Literal["entropy", "confidence", "random", "left_to_right"]
+#: The orders :func:`unmask_scores` knows.
+UNMASK_ORDERS: tuple[str, ...] = ("entropy", "confidence", "random", "left_to_right")
 
 
 def filter_logits(logits: torch.Tensor, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
@@ -58,21 +60,35 @@ def sample_tokens(
 
 
 def unmask_scores(
-    probs: torch.Tensor, tokens: torch.Tensor, order: UnmaskOrder, generator: torch.Generator
+    probs: torch.Tensor,
+    tokens: torch.Tensor,
+    order: UnmaskOrder,
+    generator: torch.Generator,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Priority of committing each position (higher = sooner).
 
     ``entropy`` (Dream's default): negative entropy of the distribution;
-    ``confidence``: probability of the drawn token; ``random``: uniform noise.
-    ``probs``: ``[..., V]``; ``tokens``: ``[...]``. Returns ``[...]``.
+    ``confidence``: probability of the drawn token; ``random``: uniform noise;
+    ``left_to_right``: the leftmost first (needs ``positions``).
+    ``probs``: ``[..., V]``; ``tokens`` and ``positions``: ``[...]``. Returns ``[...]``.
     """
+    check_order(order)
     if order == "entropy":
         return (probs * probs.clamp_min(1e-12).log()).sum(-1)
     if order == "confidence":
         return probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     if order == "random":
         return torch.rand(tokens.shape, generator=generator).to(probs.device)
-    raise ValueError(f"unknown unmasking order {order!r}; choose entropy, confidence or random")
+    if positions is None:
+        raise ValueError("the left_to_right order needs the positions of the masked tokens")
+    return -positions.to(probs.device, torch.float32)
+
+
+def check_order(order: str) -> None:
+    """Raise a ValueError naming the choices unless ``order`` is one of :data:`UNMASK_ORDERS`."""
+    if order not in UNMASK_ORDERS:
+        raise ValueError(f"unknown unmasking order {order!r}; choose one of {', '.join(UNMASK_ORDERS)}")
 
 
 def top_probability(probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
