@@ -87,6 +87,34 @@ def test_bench_config_refuses_unknown_keys_and_models(tmp_path: Path):
         BenchConfig.from_yaml(bad)
 
 
+def test_bench_config_builds_every_decoder_row_and_sweep_point_before_any_training(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    head = "models: {m: {configs: [configs/tiny.yaml]}}\ndecoders:\n  - {name: PD, model: m, decoder: planned}\n"
+    for tail, said in (
+        ("  - {name: X, model: m, decoder: plannd}\n", "decoder row 'X': unknown decoding strategy 'plannd'"),
+        ("  - {name: X, model: m, decoder: planned, args: {r: 0.5}}\n", "decoder row 'X': .*unexpected keyword argument 'r'"),
+        ("sweeps: [{row: PDX, knob: order, values: [random]}]\n", "sweep 0 sweeps row 'PDX', which is not a decoder row"),
+        ("sweeps: [{row: PD, knob: ordr, values: [random]}]\n", r"sweep 0 \(PD/ordr=random\): .*'ordr'"),
+        ("sweeps: [{row: PD, knob: step_ratio, values: [0.5, 2]}]\n", r"sweep 0 \(PD/step_ratio=2\): step_ratio \(r\) must be"),
+    ):
+        bad.write_text(head + tail + "baseline: PD\n")
+        with pytest.raises(ValueError, match=said):
+            BenchConfig.from_yaml(bad)
+    bad.write_text(head + "sweeps: [{row: PD, knob: order, values: [random, left_to_right]}]\nbaseline: PD\n")
+    assert BenchConfig.from_yaml(bad).sweeps[0].values == ["random", "left_to_right"]
+
+
+def test_sweep_table_lists_every_point_with_its_ratio():
+    from pdlightning.eval.bench import markdown_sweeps
+
+    point = {"fact_accuracy": 0.25, "critical_path": 40.3, "latency_s": 0.2, "speedup_vs_ar": 1.5}
+    table = markdown_sweeps({"PD/order": [{"value": "random", **point}],
+                             "PD/step_ratio": [{"value": 0.5, **point, "fact_accuracy": 0.125}]})
+    lines = table.splitlines()
+    assert lines[2:] == ["| PD/order | random | 25.0% | 40.3 | 0.200 | 1.50x |",
+                         "| PD/step_ratio | 0.5 | 12.5% | 40.3 | 0.200 | 1.50x |"]
+
+
 def test_command_line_overrides_and_a_seed_replicate_gets_its_own_directory(
     capsys: pytest.CaptureFixture, tmp_path: Path
 ):
@@ -140,6 +168,7 @@ def test_bench_smoke_writes_results_with_ratios_against_ar(tmp_path: Path):
     assert results["diffusion"]["critical_path"] == pytest.approx(32)  # steps = budget
     assert [row["value"] for row in summary["sweeps"]["PD/step_ratio"]] == [0.5, 1.0]
     assert "| PD |" in (tmp_path / "results.md").read_text()
+    assert "| PD/step_ratio | 0.5 |" in (tmp_path / "results.md").read_text()
     for name in ("latency_vs_quality.png", "critical_path.png", "sweep_PD_step_ratio.png"):
         assert (tmp_path / name).stat().st_size > 1000
     # the validation split (choosing a knob) reuses the model and leaves the test results alone

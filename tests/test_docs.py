@@ -8,6 +8,7 @@ import sys
 import types
 from pathlib import Path
 
+import pytest
 import torch
 from mock_lm import make_mock_lm, planned_script
 
@@ -39,10 +40,15 @@ def test_the_documented_strategy_matches_the_built_in_autoregressive_decoder():
     assert [g.critical_path for g in a] == [len(g.token_ids) for g in a]
 
 
-def test_the_documented_bench_rows_load(tmp_path: Path):
+def test_the_documented_bench_rows_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     text = (ROOT / "docs/decoding-strategies.md").read_text()
     block = re.search(r"```yaml\n(decoders:.*?)```", text, re.S).group(1)
     cfg = tmp_path / "bench.yaml"
     cfg.write_text("models: {autoregressive: {configs: [configs/ar_tiny.yaml]}}\n" + block)
+    with pytest.raises(ValueError, match="decoder row 'recompute'.*mypackage"):
+        BenchConfig.from_yaml(cfg)  # the user's package is not importable: said before any training
+    # the documented class, installed where the documented row names it
+    monkeypatch.setitem(sys.modules, "mypackage", types.ModuleType("mypackage"))
+    monkeypatch.setitem(sys.modules, "mypackage.strategies", doc_strategy_module())
     loaded = BenchConfig.from_yaml(cfg)
     assert [d.decoder for d in loaded.decoders] == ["autoregressive", "mypackage.strategies.RecomputeEveryToken"]

@@ -96,9 +96,28 @@ class BenchConfig:
         for d in cfg.decoders:
             if d.model not in cfg.models:
                 raise ValueError(f"{path}: decoder row {d.name!r} uses unknown model {d.model!r}")
-        if cfg.baseline not in {d.name for d in cfg.decoders}:
+        rows = {d.name: d for d in cfg.decoders}
+        if cfg.baseline not in rows:
             raise ValueError(f"{path}: baseline {cfg.baseline!r} is not a decoder row")
+        for d in cfg.decoders:  # a bad decoder or argument fails now, not after the training
+            _check_decoder(path, f"decoder row {d.name!r}", d.decoder, d.args)
+        for n, sw in enumerate(cfg.sweeps):
+            if sw.row not in rows:
+                raise ValueError(f"{path}: sweep {n} sweeps row {sw.row!r}, which is not a decoder row "
+                                 f"(rows: {', '.join(rows)})")
+            row = rows[sw.row]
+            for value in sw.values:
+                _check_decoder(path, f"sweep {n} ({sw.row}/{sw.knob}={value})", row.decoder,
+                               {**row.args, sw.knob: value})
         return cfg
+
+
+def _check_decoder(path: str | Path, where: str, decoder: str, args: dict[str, Any]) -> None:
+    """Build the strategy once so that a wrong name, argument or value names its row."""
+    try:
+        get_strategy(decoder, **args)
+    except (TypeError, ValueError, ImportError, AttributeError) as e:  # the last two: a class path
+        raise ValueError(f"{path}: {where}: {e}") from None
 
 
 def _row(path: str | Path, where: str, cls: type, row: Any) -> Any:
@@ -255,6 +274,16 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def markdown_sweeps(sweeps: dict[str, list[dict[str, Any]]]) -> str:
+    """One table of every sweep point: facts, critical path, latency and speed-up against the baseline."""
+    lines = ["| sweep | value | facts | critical path | latency (s) | speed-up vs AR |", "|" + "---|" * 6]
+    for key, points in sweeps.items():
+        for r in points:
+            lines.append(f"| {key} | {r['value']} | {100 * r['fact_accuracy']:.1f}% | {r['critical_path']:.1f} "
+                         f"| {r['latency_s']:.3f} | {r['speedup_vs_ar']:.2f}x |")
+    return "\n".join(lines)
+
+
 def pareto(points: list[tuple[float, float, str]]) -> list[str]:
     """Names on the frontier of (latency lower, quality higher)."""
     front = []
@@ -357,8 +386,9 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         key = f"{sw.row}/{sw.knob}"
         sweeps.setdefault(key, []).append(
             {"value": value, **res, "speedup_vs_ar": results[cfg.baseline]["latency_s"] / res["latency_s"]})
-        print(f"[bench] {key}={value}: facts {100 * res['fact_accuracy']:.1f}%, {res['latency_s']:.3f} s")
-    table = markdown_table(results)
+        print(f"[bench] {key}={value}: facts {100 * res['fact_accuracy']:.1f}%, {res['latency_s']:.3f} s, "
+              f"critical path {res['critical_path']:.1f}")
+    table = markdown_table(results) + (f"\n\n{markdown_sweeps(sweeps)}" if sweeps else "")
     summary = {
         "config": asdict(cfg),
         "machine": {"threads": cfg.threads, "torch": torch.__version__, "cpu_count": os.cpu_count()},
