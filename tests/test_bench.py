@@ -218,3 +218,21 @@ def test_init_from_starts_a_model_from_an_earlier_export(tmp_path: Path, monkeyp
     # and on the bench's threads (the default 2 here), whatever the calling shell set
     assert [e["OMP_NUM_THREADS"] for e in envs] == ["2", "2"]
     assert f"--model.backbone.pretrained={tmp_path / 'models/a/hf'}" in calls[1]
+
+
+def test_demo_ends_with_next_steps_that_reuse_its_models(capsys: pytest.CaptureFixture, monkeypatch, tmp_path):
+    from pdlightning.eval import demo
+    from pdlightning.eval.bench import config_from_args
+
+    seen = []
+    row = {"speedup_vs_ar": 2.0, "critical_path_vs_ar": 0.3, "fact_accuracy_minus_ar": -0.1, "fact_accuracy": 0.2}
+    monkeypatch.setattr(demo, "run", lambda cfg: seen.append(cfg) or {"results": {"PD": row, "AR": row}})
+    for out_dir, knobs in (("runs/quickstart", "pd_knobs.yaml   #"), (str(tmp_path), f"pd_knobs.yaml --out_dir {tmp_path}")):
+        assert demo.main([] if out_dir == "runs/quickstart" else ["--out_dir", out_dir]) == 0
+        said = capsys.readouterr().out
+        assert "PD runs at 2.00x AR's speed" in said
+        assert f"--checkpoint {out_dir}/models/planned/hf --decoder planned" in said and knobs in said
+        # the knobs bench, pointed there, names the very models the demo trained: it reuses them
+        knob_cfg = config_from_args("bench", None, None, ["--config", str(ROOT / "configs/bench/pd_knobs.yaml")]
+                                    + ([] if out_dir == "runs/quickstart" else ["--out_dir", out_dir]))
+        assert knob_cfg.out_dir == seen[-1].out_dir and knob_cfg.models == seen[-1].models

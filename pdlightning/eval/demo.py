@@ -11,11 +11,25 @@ CONFIG = "configs/bench/quickstart.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
-    summary = run(config_from_args("pdlightning demo", __doc__, CONFIG, argv))
+    cfg = config_from_args("pdlightning demo", __doc__, CONFIG, argv)
+    summary = run(cfg)
     pd, ar = summary["results"]["PD"], summary["results"]["AR"]
     print(
         f"PD runs at {pd['speedup_vs_ar']:.2f}x AR's speed with {pd['critical_path_vs_ar']:.2f}x its critical path "
         f"and {100 * pd['fact_accuracy_minus_ar']:+.1f} points of fact accuracy "
         f"({100 * pd['fact_accuracy']:.1f}% vs {100 * ar['fact_accuracy']:.1f}%)."
     )
+    print(next_steps(cfg.out_dir))
     return 0
+
+
+def next_steps(out_dir: str) -> str:
+    """What to run after the quick start (in the venv), for the models trained under ``out_dir``."""
+    knobs = "" if out_dir == "runs/quickstart" else f" --out_dir {out_dir}"  # pd_knobs.yaml's own out_dir
+    return (
+        "\nNext (after `source .venv/bin/activate`):\n"
+        f"  pdlightning generate --checkpoint {out_dir}/models/planned/hf --decoder planned --show-plan \\\n"
+        '      --prompt "Describe this person in a few sentences.\nName: Ann Lee\nAge: 31\nCity: Paris"\n'
+        f"  pdlightning bench --config configs/bench/pd_knobs.yaml{knobs}   # PD's r, tau and order (~8 min)\n"
+        "  pdlightning bench --config configs/bench/tiny.yaml       # every decoder and ablation (~1 hour)"
+    )
