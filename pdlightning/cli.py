@@ -24,6 +24,7 @@ OTHER_SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "bench": ("pdlightning.eval.bench", "main", "train and compare decoders on quality, latency, critical path"),
     "evaluate": ("pdlightning.eval.alpaca_cli", "main", "AlpacaEval outputs and length-controlled win rate"),
     "demo": ("pdlightning.eval.demo", "main", "the quick start: train the tiny PD and AR models, compare them"),
+    "replicates": ("pdlightning.eval.replicates", "main", "bench runs that differ only in seed: mean, sd and range"),
 }
 
 
@@ -110,9 +111,10 @@ def export_main(argv: list[str]) -> int:
 
 
 def _usage() -> str:
+    w = max(map(len, [*LIGHTNING_SUBCOMMANDS, *OTHER_SUBCOMMANDS]))
     lines = ["usage: pdlightning <subcommand> [options]", "", "subcommands:"]
-    lines += [f"  {name:<9} LightningCLI {name} (--config configs/<name>.yaml)" for name in LIGHTNING_SUBCOMMANDS]
-    lines += [f"  {name:<9} {info[2]}" for name, info in OTHER_SUBCOMMANDS.items()]
+    lines += [f"  {name:<{w}} LightningCLI {name} (--config configs/<name>.yaml)" for name in LIGHTNING_SUBCOMMANDS]
+    lines += [f"  {name:<{w}} {info[2]}" for name, info in OTHER_SUBCOMMANDS.items()]
     lines += ["", "pdlightning <subcommand> --help shows the options of one subcommand."]
     return "\n".join(lines)
 

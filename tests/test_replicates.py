@@ -1,0 +1,71 @@
+"""``pdlightning replicates``: mean, sd and range per decoder row over bench runs of one config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pdlightning.eval.replicates import load_runs, markdown, summarise
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = {"out_dir": "runs/q", "seed": 0, "threads": 2, "limit": 60, "baseline": "AR",
+          "decoders": [{"name": "AR"}, {"name": "PD"}]}
+
+
+def write_run(root: Path, name: str, facts: dict[str, float], speedup: float, **config) -> Path:
+    d = root / name
+    d.mkdir()
+    results = {row: {"fact_accuracy": f, "fact_accuracy_minus_ar": f - facts["AR"],
+                     "speedup_vs_ar": 1.0 if row == "AR" else speedup,
+                     "critical_path_vs_ar": 1.0 if row == "AR" else 0.5} for row, f in facts.items()}
+    (d / "results.json").write_text(json.dumps({"config": {**CONFIG, "out_dir": str(d), **config},
+                                                "results": results}))
+    return d
+
+
+def test_summary_of_three_replicates_by_hand(tmp_path: Path):
+    dirs = [write_run(tmp_path, "a", {"AR": 0.40, "PD": 0.25}, 2.0, seed=0),
+            write_run(tmp_path, "b", {"AR": 0.30, "PD": 0.25}, 1.5, seed=1, threads=1),
+            write_run(tmp_path, "c", {"AR": 0.35, "PD": 0.22}, 1.0, seed=2)]
+    summary = summarise(load_runs(dirs))
+    pd = summary["PD"]
+    assert pd["fact_accuracy"] == pytest.approx({"mean": 24.0, "sd": 3 ** 0.5, "min": 22.0, "max": 25.0})
+    # paired: each run's PD minus that run's AR (-15, -5, -13)
+    assert pd["fact_accuracy_minus_ar"] == pytest.approx({"mean": -11.0, "sd": 28 ** 0.5, "min": -15.0, "max": -5.0})
+    assert pd["speedup_vs_ar"] == pytest.approx({"mean": 1.5, "sd": 0.5, "min": 1.0, "max": 2.0})
+    assert summary["AR"]["fact_accuracy_minus_ar"] == pytest.approx({"mean": 0.0, "sd": 0.0, "min": 0.0, "max": 0.0})
+    table = markdown(summary, 3, "AR").splitlines()
+    assert table[0].startswith("| decoder (3 replicates) | facts (%) | Δ facts vs AR (points) |")
+    assert table[3] == ("| PD | 24.0 ± 1.7 (22.0 to 25.0) | -11.0 ± 5.3 (-15.0 to -5.0) "
+                        "| 1.50 ± 0.50 (1.00 to 2.00) | 0.50 ± 0.00 (0.50 to 0.50) |")
+
+
+def test_runs_that_are_not_replicates_are_refused_by_name(tmp_path: Path):
+    a = write_run(tmp_path, "a", {"AR": 0.4, "PD": 0.2}, 2.0)
+    with pytest.raises(ValueError, match="at least two"):
+        load_runs([a])
+    with pytest.raises(ValueError, match="nope/results.json not found"):
+        load_runs([a, tmp_path / "nope"])
+    b = write_run(tmp_path, "b", {"AR": 0.4, "PD": 0.2}, 2.0, seed=1, limit=30)
+    with pytest.raises(ValueError, match="differ in 'limit' \\(60 vs 30\\): not replicates"):
+        load_runs([a, b])
+    c = write_run(tmp_path, "c", {"AR": 0.4, "PD r=0.5": 0.2}, 2.0, seed=1)
+    with pytest.raises(ValueError, match="different decoder rows"):
+        load_runs([a, c])
+
+
+def test_the_command_prints_the_table_and_writes_json(tmp_path: Path):
+    dirs = [str(write_run(tmp_path, n, {"AR": 0.4, "PD": p}, 2.0, seed=s))
+            for n, p, s in (("a", 0.2, 0), ("b", 0.3, 1))]
+    out = subprocess.run([sys.executable, "-m", "pdlightning.cli", "replicates", *dirs, "--json",
+                          str(tmp_path / "s.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "| PD | 25.0 ± 7.1 (20.0 to 30.0) |" in out.stdout
+    assert json.loads((tmp_path / "s.json").read_text())["rows"]["PD"]["fact_accuracy"]["max"] == pytest.approx(30.0)
+    bad = subprocess.run([sys.executable, "-m", "pdlightning.cli", "replicates", dirs[0]],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "at least two run directories" in bad.stderr
