@@ -31,13 +31,17 @@ MODEL = build_backbone(
 def sequences(draw: st.DrawFn) -> list[int]:
     word = st.integers(min_value=8, max_value=VOCAB - 1)
     ids = draw(st.lists(word, min_size=1, max_size=4))
-    for r in range(draw(st.integers(1, 3))):
+    rounds = draw(st.integers(1, 3))
+    for r in range(rounds):
         n = draw(st.integers(1, 3))
         for _ in range(n):
             ids += [PO, draw(word), PC]
         for _ in range(n):
             ids += [SO, *draw(st.lists(word, min_size=1, max_size=3)), SC]
-        ids.append(SY if r < 2 and draw(st.booleans()) else END)
+        # rounds are separated by <sync/>; the end tag ends the response (the grammar refuses
+        # anything after it: with a plan after an end tag, dense spans would reach it through
+        # the next round's spans, a path no valid layout has)
+        ids.append(SY if r < rounds - 1 or draw(st.booleans()) else END)
     return ids
 
 

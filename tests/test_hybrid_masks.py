@@ -93,6 +93,29 @@ def test_extension_rows_equal_the_full_mask(ids: list[int], cut: int, dense: boo
 
 
 @settings(max_examples=100, deadline=None)
+@given(ids=sequences(), dense=st.booleans())
+def test_the_mask_is_closed_under_composition(ids: list[int], dense: bool):
+    """If i sees j and j sees k, then i sees k: stacking layers leaks nothing the mask hides.
+
+    The backbone applies the mask in every layer, so a position's output depends
+    on every token reachable through a chain of visible positions; for the
+    one-layer mask to be the whole story, that reach must be the mask itself."""
+    m = hybrid_attention_mask(ids, SPEC, dense=dense)
+    reach = (m.int() @ m.int()) > 0
+    assert not (reach & ~m).any()
+
+
+def test_a_plan_after_the_end_tag_would_break_closure():
+    """What the grammar's "nothing after the end tag" rule protects: in the dense
+    variant, a round with no <sync/> before the next plan would let the first span
+    reach that plan through the second span."""
+    ids = [8, PO, 9, PC, SO, 10, SC, END, PO, 11, PC, SO, 12, SC, END]
+    m = hybrid_attention_mask(ids, SPEC, dense=True)
+    reach = (m.int() @ m.int()) > 0
+    assert not m[5, 9] and m[5, 12] and m[12, 9] and reach[5, 9]
+
+
+@settings(max_examples=100, deadline=None)
 @given(ids=sequences())
 def test_invariants(ids: list[int]):
     sparse, dense = reference(ids), hybrid_attention_mask(ids, SPEC, dense=True)
