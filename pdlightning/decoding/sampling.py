@@ -4,13 +4,13 @@ explicit generator, and the scores that order unmasking. Pure torch.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 UnmaskOrder = Literal["entropy", "confidence", "random", "left_to_right"]
 #: The orders :func:`unmask_scores` knows.
-UNMASK_ORDERS: tuple[str, ...] = ("entropy", "confidence", "random", "left_to_right")
+UNMASK_ORDERS: tuple[str, ...] = get_args(UnmaskOrder)
 
 
 def filter_logits(logits: torch.Tensor, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
