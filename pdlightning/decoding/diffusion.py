@@ -138,6 +138,7 @@ class Diffusion(DecodingStrategy):
         positions = torch.cat([pos, valid.sum(1, keepdim=True) + torch.arange(n, device=lm.device)], 1)
         attn = bidirectional_mask(key_valid)
         steps = self.n_steps
+        columns = torch.arange(n, device=lm.device).expand(b, n)  # for the left_to_right order
         for s in range(steps):
             region = x[:, p:]
             is_mask = region == mask
@@ -147,7 +148,6 @@ class Diffusion(DecodingStrategy):
             tokens, probs = sample_tokens(
                 ban_tokens(logits, lm, [mask]), generator, self.temperature, self.top_p, self.top_k
             )
-            columns = torch.arange(n, device=x.device).expand(b, n)
             scores = unmask_scores(probs, tokens, self.order, generator, columns)
             scores = scores.masked_fill(~is_mask, float("-inf"))
             commit = (rank_desc(scores) < k) & is_mask

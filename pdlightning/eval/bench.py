@@ -105,11 +105,15 @@ class BenchConfig:
             if sw.row not in rows:
                 raise ValueError(f"{path}: sweep {n} sweeps row {sw.row!r}, which is not a decoder row "
                                  f"(rows: {', '.join(rows)})")
-            row = rows[sw.row]
             for value in sw.values:
-                _check_decoder(path, f"sweep {n} ({sw.row}/{sw.knob}={value})", row.decoder,
-                               {**row.args, sw.knob: value})
+                row, args = cfg.sweep_point(sw, value)
+                _check_decoder(path, f"sweep {n} ({sw.row}/{sw.knob}={value})", row.decoder, args)
         return cfg
+
+    def sweep_point(self, sw: SweepSpec, value: Any) -> tuple[DecoderSpec, dict[str, Any]]:
+        """The decoder row a sweep point varies, and that row's arguments with the knob set to ``value``."""
+        row = next(d for d in self.decoders if d.name == sw.row)
+        return row, {**row.args, sw.knob: value}
 
 
 def _check_decoder(path: str | Path, where: str, decoder: str, args: dict[str, Any]) -> None:
@@ -365,12 +369,11 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         checkpoints[name] = train_model(name, spec, cfg, checkpoints)
     prompts = load_prompts(cfg)
     lms = {name: LanguageModel.from_pretrained(path) for name, path in checkpoints.items()}
-    rows_by_name = {d.name: d for d in cfg.decoders}
     swept = [(sw, value) for sw in cfg.sweeps for value in sw.values]
     jobs = [Job(row.name, lms[row.model], row.decoder, row.args) for row in cfg.decoders]
     for sw, value in swept:
-        row = rows_by_name[sw.row]
-        jobs.append(Job(f"{sw.row}/{sw.knob}={value}", lms[row.model], row.decoder, {**row.args, sw.knob: value}))
+        row, args = cfg.sweep_point(sw, value)
+        jobs.append(Job(f"{sw.row}/{sw.knob}={value}", lms[row.model], row.decoder, args))
     evaluated = evaluate_rows(jobs, prompts, cfg)  # every row and sweep point, taking turns
     results: dict[str, dict[str, Any]] = {}
     for row, (res, gens) in zip(cfg.decoders, evaluated[: len(cfg.decoders)], strict=True):
