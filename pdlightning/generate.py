@@ -47,19 +47,14 @@ def _converter(annotation: Any) -> Any:
     return json.loads
 
 
-def strategy_class(name: str) -> type:
-    """The class behind a short name or a dotted class path."""
-    from pdlightning.decoding.base import _REGISTRY, _import_builtin
+def strategy_class(name: str, prog: str = "pdlightning generate") -> type:
+    """The class behind ``--decoder`` (short name or class path), or exit naming the problem."""
+    from pdlightning.decoding.base import strategy_class as resolve
 
-    _import_builtin()
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    import importlib
-
-    module, _, cls_name = name.rpartition(".")
-    if not module:
-        raise SystemExit(f"unknown decoder {name!r}; registered: {sorted(_REGISTRY)}")
-    return getattr(importlib.import_module(module), cls_name)
+    try:
+        return resolve(name)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"{prog}: {e}") from None
 
 
 def add_strategy_arguments(parser: argparse.ArgumentParser, cls: type) -> list[str]:

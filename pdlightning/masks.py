@@ -136,6 +136,32 @@ def roles(
     return out
 
 
+def answer_ids(ids: Sequence[int], spec: TagSpec) -> list[int]:
+    """The answer a generated sequence carries, as ids (what ``tags.strip`` gives as text).
+
+    Everything from the first end token on is dropped, and pads and masks anywhere.
+    A sequence with no tag (plan or span tags, ``<sync/>``) is all answer: an
+    untagged response, or a planned decoder's span contents. A tagged one (a
+    baseline decoder run on a planned model writes the layout token by token)
+    keeps only what the layout makes :attr:`Role.CONTENT`: span text, without
+    plan entries, topic heads or tags; an unclosed last span counts.
+
+    Args:
+        ids: Generated ids (prompt excluded).
+        spec: Tag spec with token ids.
+    """
+    ids = list(ids)
+    end = spec.id("end")
+    if end in ids:
+        ids = ids[: ids.index(end)]
+    dropped = {spec.id("pad"), spec.id("mask")}
+    tags = {spec.id(n) for n in ("plan_open", "plan_close", "span_open", "span_close", "sync")}
+    if tags.isdisjoint(ids):
+        return [t for t in ids if t not in dropped]
+    role = roles(torch.tensor(ids), spec, prompt_lengths=torch.zeros(1, dtype=torch.long))[0].tolist()
+    return [t for t, r in zip(ids, role, strict=True) if r == Role.CONTENT and t not in dropped]
+
+
 def mask_from_structure(st: Structure, dense: bool = False, rows_from: int = 0) -> torch.Tensor:
     """Boolean attention mask ``[B, 1, T - rows_from, T]`` from a :class:`Structure`."""
     span_i, span_j = st.span[:, rows_from:, None], st.span[:, None, :]

@@ -25,6 +25,7 @@ from pdlightning.decoding import (
     FastDLLM,
     Generation,
     LanguageModel,
+    PlannedDiffusion,
     RowOutput,
     get_strategy,
     list_strategies,
@@ -186,8 +187,11 @@ def test_baselines_reproduce_a_fixed_script(name: str, kwargs: dict, logits: str
     lm = make_mock_lm(script, logits=logits, confidence=0.99)
     if name == "autoregressive" and logits == "aligned":  # a mock diffusion model: no next-token head
         kwargs = {**kwargs, "mask_query": True}
+    answer = encode("the cat") + encode("a dog ran")  # the spans' contents: no plan, heads, tags or pads
     for g in run(name, lm=lm, **kwargs):
         assert g.token_ids == script
+        assert g.text == TOK.decode(answer).strip() and g.counters.content_tokens == len(answer)
+        assert g.counters.control_tokens == len(script) - len(answer) - g.counters.pad_tokens
 
 
 # ----------------------------------------------------------------------------- autoregressive
@@ -384,6 +388,12 @@ def test_fast_dllm_runs_on_a_real_backbone(cache: str):
 
 def test_validation():
     for cls, bad in (
+        (Autoregressive, {"temperature": float("nan")}),
+        (Autoregressive, {"temperature": float("inf")}),
+        (Autoregressive, {"top_k": -1}),
+        (Autoregressive, {"batch_size": 0}),
+        (PlannedDiffusion, {"length_scale": float("nan")}),
+        (PlannedDiffusion, {"length_scale": float("inf")}),
         (Diffusion, {"steps": 0}),
         (Diffusion, {"order": "best"}),
         (FastDLLM, {"threshold": 1.5}),
@@ -393,6 +403,22 @@ def test_validation():
     ):
         with pytest.raises(ValueError):
             cls(**bad)
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_blank_text_and_a_prompt_past_the_models_positions_are_refused_before_any_pass(name: str):
+    lm = QWEN  # built for 256 positions
+    with pytest.raises(ValueError, match="prompt 1 is blank"):
+        run(name, lm=lm, prompts=["the cat", " \n"])
+    long = " ".join(["the cat"] * 76)
+    n = len(format_prompt(TOK, long))
+    assert n + MAX_NEW > 256 > n
+    with pytest.raises(ValueError, match=f"prompt 1 has {n} tokens and max_new_tokens is {MAX_NEW}.*256 positions"
+                       f".*lower max_new_tokens to {256 - n}"):
+        run(name, lm=lm, prompts=["the cat", long])
+    lm.reset_counter()
+    run(name, lm=lm, prompts=["the cat", long], max_new_tokens=256 - n)  # at the limit: decoded
+    assert lm.forward_passes > 0
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
@@ -450,3 +476,7 @@ def test_user_subclass_usable_by_class_path_without_registration(monkeypatch):
     assert [g.token_ids for g in plain] == [g.token_ids for g in reference]
     with pytest.raises(TypeError):
         get_strategy("pdlightning.decoding.LanguageModel")
+    with pytest.raises(ValueError, match="cannot import 'mypackage.strategies'.*PYTHONPATH"):
+        get_strategy("mypackage.strategies.MyStrategy")
+    with pytest.raises(ValueError, match="module 'pdlightning.decoding' has no 'Nope'"):
+        get_strategy("pdlightning.decoding.Nope")

@@ -24,8 +24,8 @@ PROMPTS = [
 ]
 
 
-def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def cli(*args: str, timeout: float = 300, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env_vars}
     return subprocess.run([sys.executable, "-m", "pdlightning.cli", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -140,6 +140,22 @@ def test_generate_command_refuses_a_bad_knob(trained: Path):
     out = cli("generate", "--checkpoint", str(trained / "hf"), "--prompt", "hi", "--attn_implementation",
               "flex_attention")
     assert out.returncode != 0 and "Traceback" not in out.stderr and "'sdpa' on CPU" in out.stderr
+
+
+@pytest.mark.slow
+def test_generate_command_finds_a_users_strategy_on_the_python_path(trained: Path, tmp_path: Path):
+    args = ("generate", "--checkpoint", str(trained / "hf"), "--decoder", "mypackage.strategies.Greedy",
+            "--max_new_tokens", "8", "--prompt", "hi")
+    out = cli(*args)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "cannot import 'mypackage.strategies'" in out.stderr and "PYTHONPATH" in out.stderr
+    (tmp_path / "mypackage").mkdir()
+    (tmp_path / "mypackage/__init__.py").write_text("")
+    (tmp_path / "mypackage/strategies.py").write_text(
+        "from pdlightning.decoding import Autoregressive\n\n\nclass Greedy(Autoregressive):\n    pass\n")
+    out = cli(*args, PYTHONPATH=str(tmp_path))  # as docs/decoding-strategies.md says: the package on the path
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("> hi\n")
 
 
 @pytest.mark.slow

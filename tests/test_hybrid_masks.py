@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from pdlightning.masks import (
     Role,
+    answer_ids,
     batch_attention_mask,
     extension_mask,
     hybrid_attention_mask,
@@ -162,3 +163,33 @@ def test_roles_mark_prompt_plan_content_scaffold_and_padding():
     r = roles(ids, SPEC, prompt_lengths=torch.tensor([2]), lengths=torch.tensor([12]))[0].tolist()
     P, L, C, S, X = Role.PROMPT, Role.PLAN, Role.CONTENT, Role.SCAFFOLD, Role.PAD
     assert r == [P, P, L, L, L, S, S, S, C, C, S, L, X]
+
+
+def reference_answer(ids: list[int]) -> list[int]:
+    """Span by span: the tokens between a span's open tag (or its topic head's close) and its close tag."""
+    ids = ids[: ids.index(END)] if END in ids else ids
+    if not {PO, PC, SO, SC, SY} & set(ids):
+        return [t for t in ids if t not in (PAD, MASK)]
+    out, i = [], 0
+    while i < len(ids):
+        if ids[i] != SO:
+            i += 1
+            continue
+        close = ids.index(SC, i) if SC in ids[i:] else len(ids)
+        body = ids[i + 1 : close]
+        if PC in body:
+            body = body[body.index(PC) + 1 :]  # the topic head
+        out += [t for t in body if t not in (PAD, MASK)]
+        i = close + 1
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(ids=sequences(), cut=st.integers(1, 200), tail=st.lists(st.integers(0, 30), max_size=3))
+def test_answer_ids_are_the_span_contents_of_a_tagged_response_and_all_of_a_plain_one(
+    ids: list[int], cut: int, tail: list[int]
+):
+    for seq in (ids, ids[: cut % len(ids) + 1], [*ids, END, *tail]):  # whole, cut by the length cap, text after EOS
+        assert answer_ids(seq, SPEC) == reference_answer(seq)
+    plain = [t for t in ids if t >= 8 or t == PAD]  # untagged: all but pads
+    assert answer_ids([*plain, MASK, END, 9], SPEC) == [t for t in plain if t != PAD]

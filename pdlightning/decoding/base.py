@@ -10,6 +10,8 @@ batches them, times the work, counts forward passes and builds
 
 from __future__ import annotations
 
+import importlib
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -19,6 +21,7 @@ from typing import ClassVar
 import torch
 
 from pdlightning.decoding.lm import LanguageModel
+from pdlightning.masks import answer_ids
 from pdlightning.tags import PlanEntry
 from pdlightning.tokenizer import format_prompt
 
@@ -52,7 +55,10 @@ class RowOutput:
 
     Attributes:
         token_ids: Generated ids after the prompt (control tokens included).
-        answer_ids: Ids of the final answer (tags, pads, masks removed).
+        answer_ids: Ids of the final answer. The base class keeps only what
+            :func:`pdlightning.masks.answer_ids` finds in them (no end token,
+            pads, masks, tags, plan entries or topic heads), so a strategy may
+            pass its generated ids as they are.
         critical_path: Forward passes on this row's sequential path.
         plan: Plan entries (planned strategies).
         spans: Filled span texts in plan order (planned strategies).
@@ -113,20 +119,41 @@ def list_strategies() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_strategy(name: str, **kwargs: object) -> DecodingStrategy:
-    """Instantiate a strategy by short name or by dotted ``class_path``."""
+def strategy_class(name: str) -> type[DecodingStrategy]:
+    """The strategy class behind a short name or a dotted class path.
+
+    Raises:
+        ValueError: An unknown short name, a module that does not import (with
+            the import error), or a module without that class.
+        TypeError: The class path names something that is not a strategy.
+    """
     _import_builtin()
     if name in _REGISTRY:
-        return _REGISTRY[name](**kwargs)
-    if "." in name:
-        import importlib
+        return _REGISTRY[name]
+    module, _, cls_name = name.rpartition(".")
+    if not module:
+        raise ValueError(
+            f"unknown decoding strategy {name!r}; registered: {sorted(_REGISTRY)}, "
+            "or the class path of your own (mypackage.strategies.MyStrategy)"
+        )
+    try:
+        found = importlib.import_module(module)
+    except ImportError as e:
+        raise ValueError(
+            f"decoding strategy {name!r}: cannot import {module!r} ({e}); the directory that holds "
+            "it must be on the Python path (e.g. PYTHONPATH=. when it sits in the current directory)"
+        ) from None
+    cls = getattr(found, cls_name, None)
+    if cls is None:
+        raise ValueError(f"decoding strategy {name!r}: module {module!r} has no {cls_name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, DecodingStrategy)):
+        raise TypeError(f"{name} is not a DecodingStrategy subclass")
+    return cls
 
-        module, _, cls_name = name.rpartition(".")
-        cls = getattr(importlib.import_module(module), cls_name)
-        if not (isinstance(cls, type) and issubclass(cls, DecodingStrategy)):
-            raise TypeError(f"{name} is not a DecodingStrategy subclass")
-        return cls(**kwargs)
-    raise ValueError(f"unknown decoding strategy {name!r}; registered: {sorted(_REGISTRY)}")
+
+def get_strategy(name: str, **kwargs: object) -> DecodingStrategy:
+    """Instantiate a strategy by short name or by dotted ``class_path`` (see :func:`strategy_class`)."""
+    return strategy_class(name)(**kwargs)
 
 
 def _import_builtin() -> None:
@@ -157,12 +184,14 @@ class DecodingStrategy(ABC):
     ) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not 0 <= temperature < math.inf:
+            raise ValueError(f"temperature must be a number >= 0, got {temperature}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if top_k < 0 or batch_size < 1:
-            raise ValueError("top_k must be >= 0 and batch_size >= 1")
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p
@@ -181,6 +210,19 @@ class DecodingStrategy(ABC):
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ValueError(f"{self.name} decoding needs a non-empty prompt (prompt {i} is empty)")
+
+    def _check_positions(self, lm: LanguageModel, prompts: list[list[int]]) -> None:
+        """Refuse a prompt whose answer could run past the positions the backbone was built for."""
+        limit = lm.max_positions
+        if limit is None:
+            return
+        for i, p in enumerate(prompts):
+            if len(p) + self.max_new_tokens > limit:
+                raise ValueError(
+                    f"prompt {i} has {len(p)} tokens and max_new_tokens is {self.max_new_tokens}: together "
+                    f"more than the model's {limit} positions (max_position_embeddings); shorten the "
+                    f"prompt or lower max_new_tokens to {max(limit - len(p), 0)}"
+                )
 
     def generate(
         self,
@@ -202,9 +244,13 @@ class DecodingStrategy(ABC):
         """
         if generator is None:
             generator = torch.Generator(device="cpu").manual_seed(0)
+        for i, p in enumerate(prompts):  # the chat template would make a blank text a non-empty prompt
+            if isinstance(p, str) and not p.strip():
+                raise ValueError(f"prompt {i} is blank: there is nothing to answer")
         texts = [p if isinstance(p, str) else lm.tokenizer.decode(list(p)) for p in prompts]
         ids = [format_prompt(lm.tokenizer, p) if isinstance(p, str) else list(p) for p in prompts]
         self.check_prompts(lm, ids)
+        self._check_positions(lm, ids)
         results: list[Generation] = []
         for start in range(0, len(ids), self.batch_size):
             batch = ids[start : start + self.batch_size]
@@ -224,8 +270,9 @@ class DecodingStrategy(ABC):
 
     def _finish(self, lm: LanguageModel, prompt: str, row: RowOutput, passes: int, seconds: float) -> Generation:
         pad, mask = lm.spec.id("pad"), lm.spec.id("mask")
+        answer = answer_ids(row.answer_ids, lm.spec)  # a baseline run on a planned model answers with tags
         n_pad = sum(t == pad for t in row.token_ids)
-        n_content = len(row.answer_ids)
+        n_content = len(answer)
         counters = Counters(
             forward_passes=passes,
             critical_path=row.critical_path,
@@ -235,7 +282,7 @@ class DecodingStrategy(ABC):
             pad_tokens=n_pad,
             seconds=seconds,
         )
-        text = lm.tokenizer.decode(row.answer_ids, skip_special_tokens=True).strip()
+        text = lm.tokenizer.decode(answer, skip_special_tokens=True).strip()
         return Generation(
             prompt=prompt,
             text=text,

@@ -103,7 +103,9 @@ class FastDLLM(DecodingStrategy):
         steps: Step budget over all blocks (None = half the new tokens), spread
             over the blocks as a cap per block; at the cap the rest commits.
         cache: ``"dual"`` (default, Fast-dLLM's fastest), ``"prefix"`` or ``"none"``
-            (exact; see the module docstring). Same forward passes either way.
+            (exact; see the module docstring). The dual cache's confidences are
+            approximate, so it may commit at other steps and make a different
+            number of passes.
         max_new_tokens: The budget: masks appended after the prompt.
         temperature: 0 = greedy.
         top_p: Nucleus mass (1 = off).

@@ -88,6 +88,11 @@ class LanguageModel:
         return 1 if self.logits_convention == "shifted" else 0
 
     @property
+    def max_positions(self) -> int | None:
+        """Positions the backbone was built for (``max_position_embeddings``), None if it does not say."""
+        return getattr(getattr(self.backbone, "config", None), "max_position_embeddings", None)
+
+    @property
     def device(self) -> torch.device:
         return next(self.backbone.parameters()).device
 

@@ -24,6 +24,7 @@ rows one by one (temperature 0).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -204,8 +205,8 @@ class PlannedDiffusion(DecodingStrategy):
         super().__init__(max_new_tokens, temperature, top_p, top_k, batch_size)
         if not 0 < step_ratio <= 1:  # above 1 would silently act as 1 (a pass commits at least one per span)
             raise ValueError(f"step_ratio (r) must be in (0, 1], got {step_ratio}")
-        if length_scale <= 0:
-            raise ValueError(f"length_scale must be > 0, got {length_scale}")
+        if not 0 < length_scale < math.inf:
+            raise ValueError(f"length_scale must be a number > 0, got {length_scale}")
         if threshold is not None and not 0 <= threshold <= 1:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         check_order(order)

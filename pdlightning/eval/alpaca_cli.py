@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = argv[1:]
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--decoder", default="planned")
-    cls = strategy_class(pre.parse_known_args(argv)[0].decoder)
+    cls = strategy_class(pre.parse_known_args(argv)[0].decoder, "pdlightning evaluate alpaca")
     p = argparse.ArgumentParser(prog="pdlightning evaluate alpaca", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", required=True, help="local .json/.jsonl with 'instruction', or a hub dataset name")

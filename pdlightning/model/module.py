@@ -106,7 +106,7 @@ class PredictConfig:
 
             try:
                 get_strategy(self.decoder, **(self.args or {}))
-            except (TypeError, ValueError, ImportError, AttributeError) as e:
+            except (TypeError, ValueError) as e:
                 raise ValueError(f"model.predict: {e}") from None
 
 
