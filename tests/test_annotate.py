@@ -405,3 +405,98 @@ def test_main_heuristic(tmp_path: Path, capsys: pytest.CaptureFixture, examples:
         assert main(["--input", str(src), "--output", str(target), "--no-progress"]) == 2
         assert "would overwrite the input" in capsys.readouterr().err
         assert src.read_bytes() == before
+
+
+def _plain_input(path: Path, examples: list[dict], n: int = 5) -> list[dict]:
+    rows = [{"prompt": e["prompt"], "response": e["response"]} for e in examples[:n]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def _assert_untouched(out: Path, before: bytes) -> None:
+    assert out.read_bytes() == before
+    assert not out.with_name(out.name + ".partial").exists()
+    assert not out.with_name(out.name + ".rejected.jsonl.partial").exists()
+
+
+def test_annotate_refuses_an_existing_text_file(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                examples: list[dict]) -> None:
+    src, notes = tmp_path / "in.jsonl", tmp_path / "notes.txt"
+    _plain_input(src, examples)
+    notes.write_text("my notes\nline 2\n")
+    assert main(["--input", str(src), "--output", str(notes), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "notes.txt already exists" in err and "nothing was changed" in err and "--no-resume" in err
+    _assert_untouched(notes, b"my notes\nline 2\n")
+    # --no-resume replaces it, as the message says
+    assert main(["--input", str(src), "--output", str(notes), "--no-progress", "--no-resume"]) == 0
+    assert len(notes.read_text().splitlines()) == 5
+
+
+def test_annotate_refuses_an_unrelated_jsonl_output(tmp_path: Path, examples: list[dict]) -> None:
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _plain_input(src, examples)
+    for text in ('{"mine": 1, "tagged": "x"}\n',  # a JSONL file of the user's
+                 '{"prompt": "p", "response": "r", "tagged": "t"}\n{"torn',
+                 ""):  # an empty file is not the output of a non-empty input either
+        out.write_text(text)
+        with pytest.raises(ValueError, match=r"out\.jsonl already exists .*nothing was changed"):
+            annotate_file(src, out, _Counting(), progress=False)
+        _assert_untouched(out, text.encode())
+    # a complete output of the first 3 rows only is not a finished run on this input
+    annotate_file(tmp_path / "in.jsonl", out, _Counting(), resume=False, progress=False)
+    before = "".join(out.read_text().splitlines(keepends=True)[:3])
+    out.write_text(before)
+    with pytest.raises(ValueError, match="nothing was changed"):
+        annotate_file(src, out, _Counting(), progress=False)
+    _assert_untouched(out, before.encode())
+
+
+def test_annotate_refuses_rows_without_tagged(tmp_path: Path, examples: list[dict]) -> None:
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _plain_input(src, examples)
+    out.write_bytes(src.read_bytes())  # the input copied as the output: not annotated
+    calls = _Counting()
+    with pytest.raises(ValueError, match=r"out\.jsonl already exists .*input line 1"):
+        annotate_file(src, out, calls, progress=False)
+    _assert_untouched(out, src.read_bytes())
+    out.unlink()
+    partial = tmp_path / "out.jsonl.partial"  # nor is an untagged row in a .partial taken as done
+    partial.write_text("".join(src.read_text().splitlines(keepends=True)[:2]))
+    with pytest.raises(ValueError, match="does not match"):
+        annotate_file(src, out, calls, progress=False)
+    assert calls.calls == [] and not out.exists()
+
+
+def test_annotate_refuses_a_directory_as_output(tmp_path: Path, examples: list[dict]) -> None:
+    src, out = tmp_path / "in.jsonl", tmp_path / "outdir"
+    _plain_input(src, examples)
+    out.mkdir()
+    (out / "keep.txt").write_text("data")
+    for resume in (True, False):
+        with pytest.raises(ValueError, match=r"outdir: --output is a directory"):
+            annotate_file(src, out, _Counting(), resume=resume, progress=False)
+        assert (out / "keep.txt").read_text() == "data"
+        assert not (tmp_path / "outdir.partial").exists()
+
+
+class _KilledAtStart(HeuristicAnnotator):
+    def annotate_many(self, rows: Any) -> Iterator[Any]:
+        raise KeyboardInterrupt
+        yield
+
+
+def test_annotate_rerun_of_a_finished_run_keeps_the_output(tmp_path: Path, examples: list[dict]) -> None:
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write_input(src, examples[:12])
+    annotate_file(src, out, _Counting(), progress=False)
+    rejected = tmp_path / "out.jsonl.rejected.jsonl"
+    before, rejected_before = out.read_bytes(), rejected.read_bytes()
+    with pytest.raises(KeyboardInterrupt):  # a re-run killed: the finished output is still there
+        annotate_file(src, out, _KilledAtStart(), progress=False)
+    assert out.read_bytes() == before and rejected.read_bytes() == rejected_before
+    calls = _Counting()
+    summary = annotate_file(src, out, calls, progress=False)  # and a later re-run finishes it
+    assert calls.calls == [] and summary.kept == 8 and summary.resumed == 12
+    assert out.read_bytes() == before and rejected.read_bytes() == rejected_before
+    assert not (tmp_path / "out.jsonl.partial").exists()

@@ -17,6 +17,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import sys
 from abc import ABC, abstractmethod
 from collections import Counter, deque
@@ -358,6 +359,40 @@ def _jsonl(path: Path) -> Iterator[Any]:
             yield from (json.loads(line) for line in f)
 
 
+def _complete_jsonl(path: Path) -> Iterator[Any]:
+    """Rows of a finished output; ValueError at the first line that is not a complete JSON object."""
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                row = json.loads(raw) if raw.endswith(b"\n") else None
+            except ValueError:
+                row = None
+            if not isinstance(row, dict):
+                raise ValueError(f"line {n} is not a complete JSON object")
+            yield row
+
+
+def _mismatch(src: Path, kept: Iterator[Any], rejected: list[Any], done: int) -> str | None:
+    """Why ``kept`` + ``rejected`` rows are not the annotated first ``done`` rows of ``src`` (None if they are).
+
+    Every input row must be a rejected one (by ``line``) or have the next kept
+    row: the same fields plus a string ``tagged``. No row may be left over.
+    """
+    rejected_lines = {r.get("line") for r in rejected if isinstance(r, dict)}
+    skipped = 0
+    for k, line in itertools.islice(_nonblank(src), done):
+        if k in rejected_lines:
+            skipped += 1
+            continue
+        row, prev = _parse_row(line, "")[0], next(kept, None)
+        if (row is None or not isinstance(prev, dict) or not isinstance(prev.get("tagged"), str)
+                or {**prev, "tagged": None} != {**row, "tagged": None}):
+            return f"at input line {k}"
+    if skipped != len(rejected) or next(kept, None) is not None:
+        return "it has more rows than the input"
+    return None
+
+
 def _nonblank(path: Path) -> Iterator[tuple[int, str]]:
     with path.open(encoding="utf-8") as f:
         yield from ((k, line) for k, line in enumerate(f, start=1) if line.strip())
@@ -396,13 +431,16 @@ def annotate_file(
         input: Input JSONL path.
         output: Output JSONL path.
         annotator: The annotator (its ``spec`` renders the tagged text).
-        resume: Continue an interrupted (or finished) run instead of starting over.
+        resume: Continue an interrupted (or finished) run instead of starting over. An
+            existing ``output`` is only ever replaced when it is a finished run on this
+            same input (it is then reopened as a copy); ``resume=False`` replaces it.
         progress: Show a tqdm progress bar on stderr.
 
     Raises:
         FileNotFoundError: The input does not exist.
-        ValueError: A partial output does not match the input (it changed since),
-            or the output (or one of its side files) is the input.
+        ValueError: A partial output does not match the input (it changed since), an
+            existing output is not a finished run on this input (it is left as it was),
+            the output is a directory, or the output (or one of its side files) is the input.
     """
     from tqdm import tqdm
 
@@ -415,35 +453,44 @@ def annotate_file(
     for p in (out, partial, rejected, rejected_partial):  # resuming would move the input away
         if p.exists() and p.samefile(src):
             raise ValueError(f"{out}: the output would overwrite the input {src}; write it to another file")
+    if out.is_dir():
+        raise ValueError(f"{out}: --output is a directory; name a file")
+    summary = Summary(output=str(out), rows=sum(1 for _ in _nonblank(src)))
     if not resume:
         for p in (partial, rejected_partial):
             p.unlink(missing_ok=True)
-    elif not partial.exists() and out.exists():  # a finished run: reopen it, nothing left to do
-        os.replace(out, partial)
-        if rejected.exists():
-            os.replace(rejected, rejected_partial)
+    elif out.exists():  # the final rename replaces it: only if it is a finished run on this input
+        try:
+            rejected_rows = list(_complete_jsonl(rejected)) if rejected.exists() else []
+            with closing(_complete_jsonl(out)) as rows:
+                problem = _mismatch(src, rows, rejected_rows, summary.rows)
+        except ValueError as e:
+            problem = str(e)
+        if problem:
+            raise ValueError(f"{out} already exists and is not a finished annotate output of {src} ({problem}); "
+                             "nothing was changed: choose another --output, or pass --no-resume to replace it")
+        if not partial.exists():  # reopen a copy: ``out`` stays whole until the final rename
+            if rejected.exists():
+                shutil.copyfile(rejected, rejected_partial)
+            else:
+                rejected_partial.unlink(missing_ok=True)
+            shutil.copyfile(out, partial)  # last: a .partial exists only with its rejected rows
     out.parent.mkdir(parents=True, exist_ok=True)
     n_kept = _scan_partial(partial)
     _scan_partial(rejected_partial)
     rejected_before = list(_jsonl(rejected_partial))
-    done = n_kept + len(rejected_before)
-    summary = Summary(output=str(out), kept=n_kept, resumed=done)
-    summary.discarded.update(r.get("reason", "unknown") for r in rejected_before)
-    summary.rows = sum(1 for _ in _nonblank(src))
+    done = summary.resumed = n_kept + len(rejected_before)
+    summary.kept = n_kept
+    summary.discarded.update(r.get("reason", "unknown") for r in rejected_before if isinstance(r, dict))
 
     # the rows written before must be the first rows of the input, in order
-    rejected_lines = {r.get("line") for r in rejected_before}
-    lines = _nonblank(src)
     with closing(_jsonl(partial)) as kept_rows:
-        for k, line in itertools.islice(lines, done):
-            if k in rejected_lines:
-                continue
-            row, prev = _parse_row(line, "")[0], next(kept_rows, None)
-            if row is None or prev is None or {**prev, "tagged": None} != {**row, "tagged": None}:
-                raise ValueError(f"{partial} does not match {src} at line {k}: the input changed since the "
-                                 f"interrupted run; delete {partial} or run without resume")
-        if done > summary.rows or next(kept_rows, None) is not None:
-            raise ValueError(f"{partial} has more rows than {src}; delete it or run without resume")
+        problem = ("it has more rows than the input" if done > summary.rows
+                   else _mismatch(src, kept_rows, rejected_before, done))
+    if problem:
+        raise ValueError(f"{partial} does not match {src} ({problem}): the input changed since the "
+                         f"interrupted run; delete {partial} or pass --no-resume")
+    lines = itertools.islice(_nonblank(src), done, None)
 
     queue: deque[tuple[int, dict[str, Any] | None, str, str]] = deque()
 
