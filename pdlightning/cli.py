@@ -29,7 +29,21 @@ OTHER_SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
 
 
 class PDLightningCLI(LightningCLI):
-    """LightningCLI with the tokenizer and tag spec linked from data to model."""
+    """LightningCLI with the tokenizer and tag spec linked from data to model, the
+    model's own optimiser and per-stage schedule (``model.optimizer``,
+    ``model.schedule``: no second, top-level ``--optimizer`` that would silently
+    replace them), and a value a class refuses reported as one line."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(*args, **kwargs)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as e:  # e.g. data.batch_size: 0, an unknown tag preset: the config's fault, not a crash
+            prog = " ".join(filter(None, ("pdlightning", self.subcommand)))
+            raise SystemExit(f"{prog}: error: {e}") from None
 
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
         parser.link_arguments("data.tokenizer", "model.tokenizer", apply_on="instantiate")

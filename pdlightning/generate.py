@@ -103,13 +103,14 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def show(generation: Any, colour: bool) -> str:
-    """A response with its plan and each span in colour."""
+def show(generation: Any, colour: bool, spans: bool = True) -> str:
+    """A response with its plan and (unless they were streamed already) each span in colour."""
     lines = []
     if generation.plan is not None:
         plan = ", ".join(f"{e.topic or '-'} ({e.length})" for e in generation.plan)
         lines.append(f"{DIM}plan:{RESET} {plan}" if colour else f"plan: {plan}")
-        for k, (entry, span) in enumerate(zip(generation.plan, generation.spans or [], strict=False)):
+        for k, (entry, span) in enumerate(zip(generation.plan, (generation.spans or []) if spans else [],
+                                              strict=False)):
             c = COLOURS[k % len(COLOURS)] if colour else ""
             lines.append(f"{c}[{entry.topic or k}] {span.strip()}{RESET if colour else ''}")
         if generation.repairs:
@@ -135,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     src.add_argument("--input", help="JSONL file with a 'prompt' per line")
-    p.add_argument("--output", help="write one JSON result per line here")
+    p.add_argument("--output", help="write one JSON result per line here (a file there is replaced when the run ends)")
     p.add_argument("--show-plan", action="store_true", help="show the plan and each span in colour")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -148,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.input and args.output and Path(args.output).exists() and Path(args.output).samefile(args.input):
         p.error(f"--output {args.output} is the --input file: the results would overwrite the prompts")
+    if args.output and Path(args.output).is_dir():
+        p.error(f"--output {args.output} is a directory; name a file")
     if args.threads:
         torch.set_num_threads(args.threads)
     from pdlightning.decoding import LanguageModel, get_strategy
@@ -163,23 +166,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except (OSError, ValueError) as e:  # a missing checkpoint or prompt file; flex on CPU
         raise SystemExit(f"pdlightning generate: {e}") from None
-    out = open(args.output, "w") if args.output else None  # noqa: SIM115
+    out = None
+    if args.output:  # written beside, then renamed over --output: a failed run leaves an earlier file whole
+        target = Path(args.output)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        out = partial.open("w")
     colour = sys.stdout.isatty()
 
-    if args.show_plan and hasattr(strategy, "on_spans"):  # planned strategies stream each finished round
+    shown = 0  # prompts of the batches printed so far
+    # planned strategies stream each round's spans as it completes (one prompt at a time: a batch would interleave)
+    stream = args.show_plan and hasattr(strategy, "on_spans") and strategy.batch_size == 1
+    if stream:
 
         def on_spans(row: int, entries: list[Any], spans: list[str]) -> None:
+            if not streamed:
+                print(f"> {prompts[shown]}", flush=True)
+            streamed.append(row)
             for k, (entry, span) in enumerate(zip(entries, spans, strict=False)):
                 c = COLOURS[k % len(COLOURS)] if colour else ""
                 print(f"  {c}... [{entry.topic or k}] {span.strip()}{RESET if colour else ''}", flush=True)
 
         strategy.on_spans = on_spans
+    streamed: list[int] = []
 
     def on_batch(done: list[Any]) -> None:
+        nonlocal shown
         for g in done:
-            print(f"> {g.prompt}")
-            print(show(g, colour) if args.show_plan else g.text)
+            if not streamed:
+                print(f"> {g.prompt}")
+            print(show(g, colour, spans=not streamed) if args.show_plan else g.text)
             print()
+            streamed.clear()
+            shown += 1
             if out is not None:
                 out.write(json.dumps(g.to_dict()) + "\n")
                 out.flush()
@@ -187,5 +206,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     strategy.generate(lm, prompts, torch.Generator().manual_seed(args.seed), on_batch=on_batch)
     if out is not None:
         out.close()
-        print(f"wrote {len(prompts)} results to {Path(args.output)}")
+        partial.replace(target)
+        print(f"wrote {len(prompts)} results to {target}")
     return 0

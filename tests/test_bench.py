@@ -85,6 +85,14 @@ def test_bench_config_refuses_unknown_keys_and_models(tmp_path: Path):
     bad.write_text("models: {}\ndecoders: [AR]\n")
     with pytest.raises(ValueError, match="decoder row 0 must be a mapping"):
         BenchConfig.from_yaml(bad)
+    ok = "models: {m: {configs: [configs/ar_tiny.yaml]}}\ndecoders: [{name: AR, model: m, decoder: autoregressive}]\n"
+    for setting, said in (("limit: three", "limit must be an integer >= 1, got 'three'"),
+                          ("threads: 0", "threads must be an integer >= 1, got 0"),
+                          ("warmup: true", "warmup must be an integer >= 0, got True"),
+                          ("split: tset", "split must be one of train, validation, test, got 'tset'")):
+        bad.write_text(ok + setting + "\n")  # said before any training, not after it
+        with pytest.raises(ValueError, match=said):
+            BenchConfig.from_yaml(bad)
 
 
 def test_bench_config_builds_every_decoder_row_and_sweep_point_before_any_training(tmp_path: Path):
@@ -218,6 +226,15 @@ def test_init_from_starts_a_model_from_an_earlier_export(tmp_path: Path, monkeyp
     # and on the bench's threads (the default 2 here), whatever the calling shell set
     assert [e["OMP_NUM_THREADS"] for e in envs] == ["2", "2"]
     assert f"--model.backbone.pretrained={tmp_path / 'models/a/hf'}" in calls[1]
+    # a run with the same seed and recipe reuses them; another seed or recipe is refused, naming what differs
+    assert bench.train_model("a", cfg.models["a"], cfg) == tmp_path / "models/a/hf" and len(calls) == 2
+    cfg.seed = 4
+    with pytest.raises(SystemExit, match="model a .* trained with seed 3, and this run asks for 4.*--seed 3"):
+        bench.train_model("a", cfg.models["a"], cfg)
+    cfg.seed, cfg.models["a"].overrides = 3, ["--trainer.max_epochs=1"]
+    with pytest.raises(SystemExit, match=r"trained with overrides \[\], and this run asks for \['--trainer"):
+        bench.train_model("a", cfg.models["a"], cfg)
+    assert len(calls) == 2
 
 
 def test_demo_ends_with_next_steps_that_reuse_its_models(capsys: pytest.CaptureFixture, monkeypatch, tmp_path):
@@ -227,12 +244,15 @@ def test_demo_ends_with_next_steps_that_reuse_its_models(capsys: pytest.CaptureF
     seen = []
     row = {"speedup_vs_ar": 2.0, "critical_path_vs_ar": 0.3, "fact_accuracy_minus_ar": -0.1, "fact_accuracy": 0.2}
     monkeypatch.setattr(demo, "run", lambda cfg: seen.append(cfg) or {"results": {"PD": row, "AR": row}})
-    for out_dir, knobs in (("runs/quickstart", "pd_knobs.yaml   #"), (str(tmp_path), f"pd_knobs.yaml --out_dir {tmp_path}")):
-        assert demo.main([] if out_dir == "runs/quickstart" else ["--out_dir", out_dir]) == 0
+    for args, knobs in (([], ""), (["--out_dir", str(tmp_path)], f" --out_dir {tmp_path}"),
+                        (["--seed", "1"], " --seed 1"), (["--seed", "2", "--out_dir", str(tmp_path)],
+                                                         f" --seed 2 --out_dir {tmp_path}")):
+        assert demo.main(args) == 0
         said = capsys.readouterr().out
         assert "PD runs at 2.00x AR's speed" in said
-        assert f"--checkpoint {out_dir}/models/planned/hf --decoder planned" in said and knobs in said
-        # the knobs bench, pointed there, names the very models the demo trained: it reuses them
-        knob_cfg = config_from_args("bench", None, None, ["--config", str(ROOT / "configs/bench/pd_knobs.yaml")]
-                                    + ([] if out_dir == "runs/quickstart" else ["--out_dir", out_dir]))
-        assert knob_cfg.out_dir == seen[-1].out_dir and knob_cfg.models == seen[-1].models
+        assert f"--checkpoint {seen[-1].out_dir}/models/planned/hf --decoder planned" in said
+        assert f"pd_knobs.yaml{knobs}   #" in said
+        # the knobs bench, as printed, names the very models the demo trained, with their seed: it reuses them
+        knob_cfg = config_from_args("bench", None, None,
+                                    ["--config", str(ROOT / "configs/bench/pd_knobs.yaml"), *knobs.split()])
+        assert (knob_cfg.out_dir, knob_cfg.seed, knob_cfg.models) == (seen[-1].out_dir, seen[-1].seed, seen[-1].models)

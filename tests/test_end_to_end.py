@@ -76,12 +76,20 @@ def test_generate_command_shows_plan_and_writes_results(trained: Path, tmp_path:
     out_file = tmp_path / "out.jsonl"
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    out_file.write_text("an earlier run's results\n")
     out = cli("generate", "--checkpoint", str(trained / "hf"), "--decoder", "planned", "--input", str(prompts),
               "--r", "0.5", "--tau", "0.5", "--max_new_tokens", "96", "--show-plan", "--output", str(out_file))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "plan:" in out.stdout and "critical path" in out.stdout
     rows = [json.loads(line) for line in out_file.read_text().splitlines()]
-    assert [r["prompt"] for r in rows] == PROMPTS
+    assert [r["prompt"] for r in rows] == PROMPTS and not list(tmp_path.glob("*.partial"))
+    # each prompt, then its spans as they stream, each once, then its plan and answer
+    blocks = out.stdout.split("> ")[1:]
+    assert [b.startswith(p) for b, p in zip(blocks, PROMPTS, strict=True)] == [True, True]
+    for block, row in zip(blocks, rows, strict=True):
+        streamed = [line for line in block.splitlines() if line.startswith("  ... [")]
+        assert len(streamed) == len(row["spans"]) and not any(line.startswith("[") for line in block.splitlines())
+        assert block.find("  ... [") < block.index("plan:") < block.index("answer:")  # -1: the smoke model planned no span
 
 
 @pytest.mark.slow

@@ -61,6 +61,30 @@ def test_a_bad_config_value_is_refused_with_its_name(tmp_path: Path):
         parse_config(["--config", str(ROOT / "configs/smoke.yaml"), "--data.max_pads=lots"])
 
 
+def test_a_value_a_class_refuses_is_one_line_and_no_second_optimizer_exists(tmp_path: Path):
+    from pdlightning.cli import build_cli, parse_config
+
+    args = smoke_args(tmp_path)[1:]
+    for bad, said in (("--data.batch_size=0", "data.batch_size must be >= 1, got 0"),
+                      ("--data.max_pads=-3", "data.max_pads must be >= 0, got -3"),
+                      ("--data.tag_preset=papr", "unknown tag preset 'papr'")):
+        with pytest.raises(SystemExit, match=f"^pdlightning: error: {said}"):
+            build_cli([*args, bad], run=False)
+    # the module's optimiser and per-stage schedule are the only ones: no top-level --optimizer replaces them
+    with pytest.raises(SystemExit):
+        parse_config([*args, "--optimizer=torch.optim.SGD"])
+    assert parse_config([*args, "--model.optimizer=torch.optim.SGD", "--model.optimizer.lr=0.1"]).model.optimizer
+
+
+def test_a_max_length_no_training_row_fits_is_an_error_not_an_untrained_model(tmp_path: Path):
+    from pdlightning.data.datamodule import PlannedDataModule
+
+    dm = PlannedDataModule(cache_dir=str(ROOT / ".cache/pdlightning"), max_length=4,
+                           bundled_sizes={"train": 40, "validation": 8, "test": 8})
+    with pytest.raises(ValueError, match=r"all 40 training rows were discarded \({'too_long': 40}\).*max_length"):
+        dm.setup()
+
+
 def test_export_of_a_missing_checkpoint_says_so_before_building_anything(tmp_path: Path, capsys):
     from pdlightning.cli import main
 
@@ -152,7 +176,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path: Path):
     assert apart < 0.05 * moved, f"DDP differs from one process by {apart:.3g} (training moved {moved:.3g})"
 
 
-def _tiny_module():
+def _tiny_module(run_seed: int = 0, **kwargs):
     from pdlightning.model.module import BackboneConfig, PlannedDiffusionModule
     from pdlightning.tags import TagSpec
     from pdlightning.tokenizer import build_tokenizer
@@ -161,8 +185,18 @@ def _tiny_module():
     tokenizer, spec = build_tokenizer(texts, TagSpec(), vocab_size=300)
     config = {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
               "num_attention_heads": 2, "num_key_value_heads": 1, "tie_word_embeddings": True}
-    torch.manual_seed(0)
-    return PlannedDiffusionModule(tokenizer=tokenizer, spec=spec, backbone=BackboneConfig(config=config))
+    torch.manual_seed(run_seed)  # what seed_everything does before LightningCLI builds the model
+    return PlannedDiffusionModule(tokenizer=tokenizer, spec=spec, backbone=BackboneConfig(config=config), **kwargs)
+
+
+def test_the_runs_seed_draws_the_initial_weights_and_noise_unless_the_model_names_its_own():
+    def weights(m):
+        return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+    a, b, pinned = _tiny_module(0), _tiny_module(1), _tiny_module(1, seed=0)
+    assert (a.seed, b.seed, pinned.seed) == (0, 1, 0)  # the noise generator is seeded from it
+    assert not torch.equal(weights(a), weights(b))
+    assert torch.equal(weights(a), weights(pinned))
 
 
 def test_the_output_head_runs_only_where_a_token_is_scored_with_the_same_loss_and_gradients():

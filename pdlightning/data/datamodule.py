@@ -199,6 +199,10 @@ class PlannedDataModule(L.LightningDataModule):
                 raise ValueError(f"stage mode {st.mode!r} is not one of {MODES}")
         if overflow not in ("drop", "cut"):
             raise ValueError(f"overflow must be 'drop' or 'cut', got {overflow!r}")
+        for name, value, low in (("batch_size", batch_size, 1), ("max_pads", max_pads, 0),
+                                 ("max_length", max_length, 1), ("num_workers", num_workers, 0)):
+            if value < low:
+                raise ValueError(f"data.{name} must be >= {low}, got {value}")
         self.source, self.cache_dir, self.seed = source, cache_dir, seed
         self.bundled_sizes = bundled_sizes
         self.dense, self.batch_size, self.length_grouped = dense, batch_size, length_grouped
@@ -281,6 +285,9 @@ class PlannedDataModule(L.LightningDataModule):
             if reasons:
                 log.warning("%s: discarded %d of %d rows: %s", name, sum(reasons.values()), len(done), dict(reasons))
             self.splits[name] = done.filter(lambda e: e is None, input_columns="error")
+            if name == "train" and len(done) and not len(self.splits[name]):
+                raise ValueError(f"data: all {len(done)} training rows were discarded ({dict(reasons)}); "
+                                 "with too_long, raise data.max_length or set data.overflow: cut")
 
     # ------------------------------------------------------------------ loaders
 

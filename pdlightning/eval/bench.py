@@ -64,6 +64,9 @@ class SweepSpec:
     values: list[Any]
 
 
+SPLITS = ("train", "validation", "test")
+
+
 @dataclass
 class BenchConfig:
     out_dir: str = "runs/bench"
@@ -78,6 +81,17 @@ class BenchConfig:
     decoders: list[DecoderSpec] = field(default_factory=list)
     sweeps: list[SweepSpec] = field(default_factory=list)
 
+    def check_settings(self, path: str | Path) -> None:
+        """Refuse a run setting of the wrong type or range, naming it (before any training)."""
+        for key, kind, low in (("threads", int, 1), ("seed", int, 0), ("limit", int, 1), ("warmup", int, 0),
+                               ("out_dir", str, None), ("cache_dir", str, None), ("baseline", str, None)):
+            value = getattr(self, key)
+            if not isinstance(value, kind) or isinstance(value, bool) or (low is not None and value < low):
+                want = f"an integer >= {low}" if kind is int else "a string"
+                raise ValueError(f"{path}: {key} must be {want}, got {value!r}")
+        if self.split not in SPLITS:
+            raise ValueError(f"{path}: split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+
     @classmethod
     def from_yaml(cls, path: str | Path) -> BenchConfig:
         raw = yaml.safe_load(Path(path).read_text()) or {}
@@ -88,6 +102,7 @@ class BenchConfig:
         raw["decoders"] = [_row(path, f"decoder row {n}", DecoderSpec, d) for n, d in enumerate(raw.get("decoders") or [])]
         raw["sweeps"] = [_row(path, f"sweep {n}", SweepSpec, s) for n, s in enumerate(raw.get("sweeps") or [])]
         cfg = cls(**raw)
+        cfg.check_settings(path)
         names = list(cfg.models)
         for k, (name, spec) in enumerate(cfg.models.items()):
             if spec.init_from is not None and spec.init_from not in names[:k]:
@@ -144,7 +159,16 @@ def train_model(name: str, spec: ModelSpec, cfg: BenchConfig, trained: dict[str,
     ``trained`` maps the models trained so far to their exports (for ``init_from``)."""
     root = Path(cfg.out_dir) / "models" / name
     hf = root / "hf"
+    # what it was trained with: a run asking for another seed or recipe must not reuse it
+    record, wanted = root / "trained_with.json", {"seed": cfg.seed, **asdict(spec)}
     if (hf / "model.safetensors").exists():
+        had = json.loads(record.read_text()) if record.exists() else wanted  # older runs kept no record
+        changed = [k for k in wanted if had.get(k) != wanted[k]]
+        if changed:
+            k = changed[0]
+            raise SystemExit(f"[bench] model {name} in {hf} was trained with {k} {had.get(k)!r}, and this run asks "
+                             f"for {wanted[k]!r}: give another --out_dir (or delete {root}) to train it anew"
+                             + (f", or run with --seed {had['seed']}" if k == "seed" else ""))
         print(f"[bench] model {name}: reusing {hf}")
         return hf
     args = [sys.executable, "-m", "pdlightning.cli", "fit"]
@@ -169,6 +193,7 @@ def train_model(name: str, spec: ModelSpec, cfg: BenchConfig, trained: dict[str,
     done = subprocess.run(args, env=env)
     if done.returncode != 0 or not (hf / "model.safetensors").exists():
         raise SystemExit(f"[bench] training {name} failed (exit {done.returncode})")
+    record.write_text(json.dumps(wanted, indent=1) + "\n")
     print(f"[bench] model {name} trained in {(time.time() - t0) / 60:.1f} min")
     return hf
 
@@ -413,7 +438,7 @@ def config_from_args(prog: str, description: str | None, default: str, argv: lis
     p.add_argument("--config", default=default, help="bench YAML")
     p.add_argument("--out_dir", help="override out_dir")
     p.add_argument("--limit", type=int, help="override the number of test prompts")
-    p.add_argument("--split", choices=["train", "validation", "test"],
+    p.add_argument("--split", choices=SPLITS,
                    help="override the split decoded (choose knobs on validation, report test)")
     p.add_argument("--seed", type=int, help="override the run's one seed (training, data, decoding): a replicate, "
                    "written to <out_dir>-seed<N> unless --out_dir is given")

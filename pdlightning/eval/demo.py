@@ -19,13 +19,16 @@ def main(argv: list[str] | None = None) -> int:
         f"and {100 * pd['fact_accuracy_minus_ar']:+.1f} points of fact accuracy "
         f"({100 * pd['fact_accuracy']:.1f}% vs {100 * ar['fact_accuracy']:.1f}%)."
     )
-    print(next_steps(cfg.out_dir))
+    print(next_steps(cfg.out_dir, cfg.seed))
     return 0
 
 
-def next_steps(out_dir: str) -> str:
-    """What to run after the quick start (in the venv), for the models trained under ``out_dir``."""
-    knobs = "" if out_dir == "runs/quickstart" else f" --out_dir {out_dir}"  # pd_knobs.yaml's own out_dir
+def next_steps(out_dir: str, seed: int = 0) -> str:
+    """What to run after the quick start (in the venv), for the models trained under ``out_dir`` with ``seed``."""
+    # pd_knobs.yaml has the quick start's out_dir and seed 0; --seed N alone moves it to <out_dir>-seedN
+    knobs = f" --seed {seed}" if seed else ""
+    if out_dir != "runs/quickstart" + (f"-seed{seed}" if seed else ""):
+        knobs += f" --out_dir {out_dir}"
     return (
         "\nNext (after `source .venv/bin/activate`):\n"
         f"  pdlightning generate --checkpoint {out_dir}/models/planned/hf --decoder planned --show-plan \\\n"

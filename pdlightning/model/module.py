@@ -28,7 +28,8 @@ class BackboneConfig:
         pretrained: Local checkpoint directory (safetensors); None = from ``config``.
         config: Config fields for a model trained from scratch (``model_type`` included);
             None = the tiny Qwen2-style default.
-        attn_implementation: ``sdpa``, ``eager``, ``flex_attention`` or ``flash_attention_2``.
+        attn_implementation: ``sdpa``, ``eager`` or ``flex_attention`` (GPUs);
+            ``flash_attention_2`` is refused with the reason (it cannot take the hybrid mask).
         dtype: Weights dtype (``bfloat16``...); None keeps the default.
         trust_remote_code: Allow a checkpoint's own modelling code.
         gradient_checkpointing: Trade compute for memory (large backbones).
@@ -128,7 +129,9 @@ class PlannedDiffusionModule(L.LightningModule):
         optimizer: Optimiser factory (AdamW by default).
         schedule: Learning-rate schedule (ignored when ``lr_scheduler`` is given).
         lr_scheduler: A scheduler factory replacing ``schedule``.
-        seed: Seed of the diffusion noise.
+        seed: Seed of the initial weights (a backbone built from a config) and of
+            the diffusion noise; None (the default) takes the run's seed
+            (``seed_everything``), so a replicate with another seed draws both anew.
         predict: How ``predict`` decodes (the decoder and its knobs).
     """
 
@@ -141,7 +144,7 @@ class PlannedDiffusionModule(L.LightningModule):
         optimizer: OptimizerCallable = _adamw,
         schedule: Schedule | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
-        seed: int = 0,
+        seed: int | None = None,
         predict: PredictConfig | None = None,
     ) -> None:
         super().__init__()
@@ -155,7 +158,8 @@ class PlannedDiffusionModule(L.LightningModule):
         self.objective = objective or ObjectiveConfig()
         self.schedule = schedule or Schedule()
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
-        self.seed = seed
+        # torch.initial_seed() is what seed_everything (LightningCLI's, before any class is built) set
+        self.seed = torch.initial_seed() % 2**31 if seed is None else seed
         self.predict_config = predict or PredictConfig()
         bc = self.backbone_config
         self.backbone = build_backbone(
@@ -165,7 +169,7 @@ class PlannedDiffusionModule(L.LightningModule):
             attn_implementation=bc.attn_implementation,
             dtype=bc.dtype,
             trust_remote_code=bc.trust_remote_code,
-            seed=seed,
+            seed=self.seed,
         )
         if bc.gradient_checkpointing:
             self.backbone.gradient_checkpointing_enable()
