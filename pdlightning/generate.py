@@ -132,14 +132,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     cls = strategy_class(known.decoder)
     p = argparse.ArgumentParser(prog="pdlightning generate", description=__doc__)
     p.add_argument("--checkpoint", required=True, help="a HF directory written by fit (ExportHF) or export")
-    p.add_argument("--decoder", default="planned", help="short name or class path of a DecodingStrategy")
+    p.add_argument("--decoder", default="planned",
+                   help="short name or class path of a DecodingStrategy (with --help: that decoder's options)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     src.add_argument("--input", help="JSONL file with a 'prompt' per line")
     p.add_argument("--output", help="write one JSON result per line here (a file there is replaced when the run ends)")
     p.add_argument("--show-plan", action="store_true", help="show the plan and each span in colour")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (matters when --temperature > 0)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument(
         "--attn_implementation", default="sdpa", choices=["sdpa", "eager", "flex_attention"],
         help="the backbone's attention (flex_attention is for GPUs)",

@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Iterable
+from dataclasses import fields
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from pdlightning.jsonio import read_json
 from pdlightning.tags import CONTROL_NAMES, TagSpec
 
 #: Chat template of the tokenizers built here: role tokens, no system prompt needed.
@@ -138,11 +140,31 @@ def save_spec(spec: TagSpec, directory: str | Path) -> Path:
 
 
 def load_spec(directory: str | Path) -> TagSpec:
-    """Read ``tag_spec.json`` written by :func:`save_spec`."""
-    data = json.loads((Path(directory) / SPEC_FILE).read_text())
-    ids = data.pop("ids", {})
-    spec = TagSpec(**data)
-    return spec.with_ids(ids) if ids else spec
+    """Read ``tag_spec.json`` written by :func:`save_spec`.
+
+    Raises:
+        FileNotFoundError: There is no ``tag_spec.json`` in ``directory``.
+        ValueError: The file is not valid JSON, is not an object, has a key
+            :class:`~pdlightning.tags.TagSpec` does not know, or holds a bad value
+            (the message names the file and the problem).
+    """
+    path = Path(directory) / SPEC_FILE
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object of tag spec fields, got {type(data).__name__}")
+    known = {f.name for f in fields(TagSpec)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                         f"a tag spec has {', '.join(sorted(known))}")
+    ids = data.pop("ids", None) or {}
+    try:
+        if not isinstance(ids, dict) or not all(isinstance(v, int) for v in ids.values()):
+            raise ValueError(f"'ids' must map control names to integer token ids, got {ids!r}")
+        spec = TagSpec(**data)
+        return spec.with_ids(ids) if ids else spec
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: bad tag spec: {e}") from None
 
 
 def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:

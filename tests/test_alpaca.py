@@ -4,6 +4,9 @@ judge server (with 429/500 retries), and the win rates from alpaca_eval's own co
 from __future__ import annotations
 
 import json
+import os
+import re
+import stat
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -297,3 +300,135 @@ def test_missing_alpaca_eval_message(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(ImportError, match=r"pip install 'pdlightning\[eval\]'"):
         alpaca._alpaca_metrics()
+
+
+# ----------------------------------------------------------------------------- bad input: one line, no traceback
+
+
+def test_load_prompts_malformed_jsonl_line_names_file_and_line(tmp_path: Path):
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"instruction": "a"}\n\n{"instruction": "b",\n')
+    with pytest.raises(ValueError, match=r"p\.jsonl line 3: not valid JSON"):
+        load_prompts(str(p))
+    q = tmp_path / "p.json"
+    q.write_text('[{"instruction": "a"},\n oops]')
+    with pytest.raises(ValueError, match=r"p\.json line 2: not valid JSON"):
+        load_prompts(str(q))
+
+
+def test_load_prompts_an_existing_file_is_never_a_hub_name(tmp_path: Path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a local file went to the hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    p = tmp_path / "prompts.txt"
+    p.write_text("explain X\n")
+    with pytest.raises(ValueError, match=r"prompts\.txt: unsupported prompt file extension '\.txt'; use \.json or \.jsonl"):
+        load_prompts(str(p))
+    with pytest.raises(FileNotFoundError, match=r"missing\.json: no such file"):
+        load_prompts(str(tmp_path / "missing.json"))
+
+
+def _cli(argv: list[str], monkeypatch) -> str:
+    """Run ``evaluate alpaca`` expecting a one-line exit before any model loads."""
+    from pdlightning.decoding import LanguageModel
+    from pdlightning.eval import alpaca_cli
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the inputs were checked")
+
+    monkeypatch.setattr(LanguageModel, "from_pretrained", no_model)
+    with pytest.raises(SystemExit) as e:
+        alpaca_cli.main(["alpaca", "--checkpoint", "unused", "--decoder", "autoregressive", *argv])
+    message = str(e.value.code)
+    assert message.startswith("pdlightning evaluate alpaca: ") and "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize(("content", "name", "expected"), [
+    ('{"instruction": "a"}\n{"instruction": \n', "p.jsonl", r"p\.jsonl line 2: not valid JSON"),
+    ('{"instruction": "a"}\n{"prompt": "b"}\n', "p.jsonl", r"p\.jsonl line 2 \(row 1\): no string 'instruction'"),
+    (None, "missing.json", r"missing\.json: no such file"),
+    ("explain X\n", "prompts.txt", r"prompts\.txt: unsupported prompt file extension '\.txt'"),
+])
+def test_cli_bad_prompts_exit_with_one_line_before_the_model_loads(tmp_path, monkeypatch, content, name, expected):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    message = _cli(["--prompts", str(path), "--out", str(tmp_path / "out")], monkeypatch)
+    assert re.search(expected, message), message
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_bad_reference_exits_with_one_line_before_the_model_loads(files, tmp_path, monkeypatch):
+    prompts, ref_path = files
+    out = ["--prompts", str(prompts), "--out", str(tmp_path / "out")]
+    assert "nope.json: no such file" in _cli([*out, "--reference", str(tmp_path / "nope.json")], monkeypatch)
+    refs = json.loads(ref_path.read_text())
+    del refs[2]["output"]
+    ref_path.write_text(json.dumps(refs))
+    message = _cli([*out, "--reference", str(ref_path)], monkeypatch)
+    assert "reference_outputs.json row 2: no string 'output' field" in message
+
+
+def test_cli_corrupt_tag_spec_in_the_checkpoint_exits_with_one_line(files, tmp_path, monkeypatch):
+    from pdlightning.eval import alpaca_cli
+    from pdlightning.tags import TagSpec
+    from pdlightning.tokenizer import build_tokenizer
+
+    ckpt = tmp_path / "hf"
+    tok, _ = build_tokenizer(["Her name is Ann Lee. She is 31."] * 5, TagSpec(), vocab_size=280)
+    tok.save_pretrained(ckpt)
+    (ckpt / "config.json").write_text('{"model_type": "qwen2"}')
+    (ckpt / "tag_spec.json").write_text('{"plan_open": "<topic>",')
+    with pytest.raises(SystemExit) as e:
+        alpaca_cli.main(["alpaca", "--prompts", str(files[0]), "--checkpoint", str(ckpt), "--decoder", "autoregressive",
+                         "--out", str(tmp_path / "out")])
+    assert re.fullmatch(r"pdlightning evaluate alpaca: .*tag_spec\.json: not valid JSON .*", str(e.value.code))
+
+
+def test_cli_a_failing_evaluation_exits_with_one_line(files, tmp_path, monkeypatch):
+    from pdlightning.decoding import LanguageModel
+    from pdlightning.eval import alpaca_cli
+
+    def judge_fails(*args, **kwargs):
+        raise JudgeError("judge returned HTTP 401 for http://x/v1/chat/completions")
+
+    monkeypatch.setattr(LanguageModel, "from_pretrained", lambda *a, **k: object())
+    monkeypatch.setattr(alpaca_cli, "evaluate_alpaca", judge_fails)
+    with pytest.raises(SystemExit) as e:
+        alpaca_cli.main(["alpaca", "--prompts", str(files[0]), "--checkpoint", "x", "--decoder", "autoregressive",
+                         "--out", str(tmp_path / "out")])
+    assert str(e.value.code) == "pdlightning evaluate alpaca: judge returned HTTP 401 for http://x/v1/chat/completions"
+
+
+# ----------------------------------------------------------------------------- outputs of a reused --out
+
+
+def test_a_reused_out_dir_holds_no_stale_judge_outputs_and_normal_permissions(files, tmp_path, caplog):
+    prompts, _ = files
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = [{"instruction": "from an earlier decoder", "preference": 2.0}]
+    (out / "annotations.json").write_text(json.dumps(stale))
+    (out / "leaderboard.json").write_text(json.dumps({"generator": "earlier", "judged": True}))
+
+    def crash(instructions):
+        raise RuntimeError("generation failed")
+
+    with pytest.raises(RuntimeError):  # a run that fails before its outputs exist touches nothing
+        evaluate_alpaca(str(prompts), crash, out, None, None, "pd", limit=2)
+    assert json.loads((out / "annotations.json").read_text()) == stale
+
+    old_umask = os.umask(0o022)
+    try:
+        evaluate_alpaca(str(prompts), _fake_generate, out, None, None, "pd", limit=2)
+    finally:
+        os.umask(old_umask)
+    assert sorted(f.name for f in out.iterdir()) == ["leaderboard.json", "model_outputs.json"]
+    assert json.loads((out / "leaderboard.json").read_text())["generator"] == "pd"
+    for f in out.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+    assert "--judge-url" in caplog.text and "base_url" not in caplog.text

@@ -69,3 +69,45 @@ def test_the_command_prints_the_table_and_writes_json(tmp_path: Path):
     bad = subprocess.run([sys.executable, "-m", "pdlightning.cli", "replicates", dirs[0]],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "at least two run directories" in bad.stderr
+
+
+def test_one_directory_twice_or_one_seed_twice_is_refused_by_name(tmp_path: Path):
+    a = write_run(tmp_path, "a", {"AR": 0.4, "PD": 0.2}, 2.0, seed=0)
+    with pytest.raises(ValueError, match=r"is given twice .*each replicate counts once"):
+        load_runs([a, a])
+    with pytest.raises(ValueError, match=r"is given twice"):
+        load_runs([a, tmp_path / "x" / ".." / "a"])
+    b = write_run(tmp_path, "b", {"AR": 0.3, "PD": 0.2}, 2.0, seed=0)
+    with pytest.raises(ValueError, match=r"a/results.json and .*b/results.json are runs with the same seed \(0\)"):
+        load_runs([a, b])
+
+
+def test_a_malformed_results_json_is_refused_naming_the_file(tmp_path: Path):
+    a = write_run(tmp_path, "a", {"AR": 0.4, "PD": 0.2}, 2.0, seed=0)
+    b = write_run(tmp_path, "b", {"AR": 0.4, "PD": 0.3}, 2.0, seed=1)
+    good = (b / "results.json").read_text()
+    (b / "results.json").write_text(good[:40])
+    with pytest.raises(ValueError, match=r"b/results.json: not valid JSON"):
+        load_runs([a, b])
+    (b / "results.json").write_text(json.dumps({"results": json.loads(good)["results"]}))
+    with pytest.raises(ValueError, match=r"b/results.json: no 'config' object"):
+        load_runs([a, b])
+    data = json.loads(good)
+    data["results"]["PD"]["speedup_vs_ar"] = None
+    (b / "results.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"b/results.json: row 'PD' has no number for 'speedup_vs_ar' \(got None\)"):
+        load_runs([a, b])
+
+
+def test_json_into_a_new_folder_is_written(tmp_path: Path, capsys):
+    from pdlightning.eval.replicates import main
+
+    dirs = [str(write_run(tmp_path, n, {"AR": 0.4, "PD": p}, 2.0, seed=s))
+            for n, p, s in (("a", 0.2, 0), ("b", 0.3, 1))]
+    target = tmp_path / "nodir" / "deeper" / "s.json"
+    assert main([*dirs, "--json", str(target)]) == 0
+    assert "| PD | 25.0 ± 7.1 (20.0 to 30.0) |" in capsys.readouterr().out
+    assert json.loads(target.read_text())["runs"] == [str(Path(d) / "results.json") for d in dirs]
+    with pytest.raises(SystemExit) as e:
+        main([*dirs, "--json", str(tmp_path)])
+    assert e.value.code == 2 and "is a directory" in capsys.readouterr().err

@@ -92,3 +92,54 @@ def test_a_vocab_size_the_text_cannot_fill_is_reported_with_the_size_reached():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_tokenizer(TEXTS, TagSpec(), vocab_size=reached)
+
+
+# ----------------------------------------------------------------------------- damaged model directories
+
+
+def _saved(directory: Path) -> Path:
+    tok, spec = build_tokenizer(TEXTS, TagSpec(), vocab_size=280)
+    tok.save_pretrained(directory)
+    save_spec(spec, directory)
+    (directory / "config.json").write_text('{"model_type": "qwen2"}')
+    return directory
+
+
+def test_a_directory_without_tokenizer_files_is_refused_naming_them(tmp_path: Path):
+    from pdlightning.decoding.lm import LanguageModel
+
+    d = _saved(tmp_path / "m")
+    (d / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"has no tokenizer files: none of tokenizer\.json"):
+        load_tokenizer(d)
+    (d / "vocab.json").write_text("{}")  # a stray vocabulary file: tokenizer_config.json still wants tokenizer.json
+    with pytest.raises(FileNotFoundError, match=r"tokenizer\.json' is missing: tokenizer_config\.json names"):
+        load_tokenizer(d)
+    for f in d.iterdir():
+        if f.name not in ("config.json", "tag_spec.json"):
+            f.unlink()
+    with pytest.raises(FileNotFoundError, match=r"has no tokenizer files: none of tokenizer\.json"):
+        load_tokenizer(d)
+    with pytest.raises(OSError, match=r"'.*m' has no tokenizer files"):  # before the weights are looked for
+        LanguageModel.from_pretrained(d)
+
+
+def test_a_corrupt_tokenizer_config_is_named(tmp_path: Path):
+    d = _saved(tmp_path / "m")
+    (d / "tokenizer_config.json").write_text("{")
+    with pytest.raises(ValueError, match=r"tokenizer_config\.json: not a valid tokenizer config"):
+        load_tokenizer(d)
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    ('{"plan_open": "<topic>",', r"tag_spec\.json: not valid JSON"),
+    ('["<topic>"]', r"tag_spec\.json: expected a JSON object"),
+    ('{"plan_open": "<topic>", "colour": "blue"}', r"tag_spec\.json: unknown key\(s\) 'colour'"),
+    ('{"length_unit": 0}', r"tag_spec\.json: bad tag spec: length_unit must be >= 1"),
+    ('{"length_unit": "ten"}', r"tag_spec\.json: bad tag spec"),
+    ('{"ids": {"end": 1}}', r"tag_spec\.json: bad tag spec: token ids missing"),
+])
+def test_a_bad_tag_spec_is_a_value_error_naming_the_file(tmp_path: Path, content: str, expected: str):
+    (tmp_path / "tag_spec.json").write_text(content)
+    with pytest.raises(ValueError, match=expected):
+        load_spec(tmp_path)

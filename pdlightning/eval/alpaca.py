@@ -13,7 +13,7 @@ import logging
 import os
 import random
 import re
-import tempfile
+import secrets
 import time
 import urllib.error
 import urllib.request
@@ -68,29 +68,64 @@ def _get(obj: Any, name: str) -> Any:
     return obj[name] if isinstance(obj, dict) else getattr(obj, name)
 
 
+#: Extensions of the local prompt and reference files.
+RECORD_SUFFIXES = (".json", ".jsonl")
+
+#: Files of a judged run that describe one ``model_outputs.json``: removed when a new one is written.
+JUDGE_OUTPUTS = ("annotations.json", "leaderboard.json")
+
+
 def _write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as JSON atomically (temporary file in the same folder + ``os.replace``)."""
+    """Write ``obj`` as JSON atomically (temporary file in the same folder + ``os.replace``).
+
+    The file gets the usual permissions (``0o666`` less the umask), like every other output.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, ensure_ascii=False)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
-def _read_records(path: Path) -> list[Any]:
-    """Read a ``.json`` list of records or a ``.jsonl`` file."""
-    text = path.read_text(encoding="utf-8")
+def _read_records(path: Path) -> list[tuple[str, Any]]:
+    """Read a ``.json`` list of records or a ``.jsonl`` file, each record with where it is.
+
+    Returns:
+        ``(location, record)`` pairs; the location is ``"row N"`` (0-based index of the
+        record), preceded by ``"line L"`` (1-based) in a ``.jsonl`` file.
+
+    Raises:
+        FileNotFoundError: No such file.
+        ValueError: Not UTF-8, not valid JSON (the line is named), or not a list.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file" + (" (it is a directory)" if path.is_dir() else ""))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a UTF-8 text file") from None
     if path.suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    rows = json.loads(text)
-    if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
-    return rows
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((f"line {n} (row {len(rows)})", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} line {n}: not valid JSON ({e.msg}, column {e.colno})") from None
+        return rows
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} line {e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    return [(f"row {i}", row) for i, row in enumerate(data)]
 
 
 def load_prompts(
@@ -100,7 +135,8 @@ def load_prompts(
 
     Args:
         source: A local ``.json`` (list of records) or ``.jsonl`` file, or a hub dataset name
-            (e.g. ``"tatsu-lab/alpaca_eval"``) loaded with ``datasets.load_dataset``.
+            (e.g. ``"tatsu-lab/alpaca_eval"``) loaded with ``datasets.load_dataset``. An
+            existing file is always read as a local file, never taken for a hub name.
         limit: Keep only the first ``limit`` prompts (order is kept: the LCWR uses positions).
         config: Hub dataset config; split: its split (both ignored for local files).
 
@@ -108,29 +144,62 @@ def load_prompts(
         Records ``{"instruction": str, "dataset"?: str}``.
 
     Raises:
-        ValueError: A row has no string ``instruction`` field (file and row are named).
+        FileNotFoundError: A ``.json``/``.jsonl`` source that does not exist.
+        ValueError: An existing file of another extension, a file that is not valid JSON,
+            or a row without a string ``instruction`` field (file and line/row are named).
     """
     path = Path(source)
-    if path.suffix in (".json", ".jsonl"):
-        if not path.is_file():
-            raise FileNotFoundError(f"prompt file not found: {path}")
+    if path.suffix in RECORD_SUFFIXES or path.is_file():
+        if path.suffix not in RECORD_SUFFIXES:
+            raise ValueError(f"{path}: unsupported prompt file extension {path.suffix or '(none)'!r}; "
+                             f"use {' or '.join(RECORD_SUFFIXES)} (a hub dataset is named by its id)")
         rows = _read_records(path)
     else:
         from datasets import load_dataset
 
         args = (source, config) if config else (source,)
-        rows = list(load_dataset(*args, split=split))
+        rows = [(f"row {i}", row) for i, row in enumerate(load_dataset(*args, split=split))]
     if limit is not None:
         rows = rows[:limit]
     prompts = []
-    for i, row in enumerate(rows):
+    for where, row in rows:
         if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
-            raise ValueError(f"{source}: row {i} has no string 'instruction' field")
+            raise ValueError(f"{source} {where}: no string 'instruction' field")
         rec = {"instruction": row["instruction"]}
         if row.get("dataset") is not None:
             rec["dataset"] = row["dataset"]
         prompts.append(rec)
     return prompts
+
+
+def load_reference(path: str | Path, instructions: Sequence[str]) -> list[dict]:
+    """The reference (baseline) record of every instruction, from an alpaca_eval outputs file.
+
+    Args:
+        path: ``.json`` list (alpaca_eval's ``model_outputs.json``) or ``.jsonl`` of records
+            with string ``instruction`` and ``output`` fields.
+        instructions: The prompts to judge, in order.
+
+    Returns:
+        One record per instruction, matched by instruction text.
+
+    Raises:
+        FileNotFoundError: No such file.
+        ValueError: Bad JSON, a record without string ``instruction``/``output`` (file and
+            line/row are named), or an instruction without a reference output.
+    """
+    path = Path(path)
+    by_instr: dict[str, dict] = {}
+    for where, rec in _read_records(path):
+        for key in ("instruction", "output"):
+            if not isinstance(rec, dict) or not isinstance(rec.get(key), str):
+                raise ValueError(f"{path} {where}: no string {key!r} field")
+        by_instr.setdefault(rec["instruction"], rec)
+    missing = [s for s in instructions if s not in by_instr]
+    if missing:
+        raise ValueError(f"{path}: no reference output for {len(missing)} "
+                         f"prompt(s), e.g. {missing[0][:80]!r}")
+    return [by_instr[s] for s in instructions]
 
 
 def write_model_outputs(
@@ -322,7 +391,7 @@ def compute_metrics(annotations: list[dict]) -> dict:
 
 
 def evaluate_alpaca(
-    prompts_source: str,
+    prompts_source: str | Sequence[dict],
     generate_fn: Callable[[list[str]], Sequence[Any]],
     out_dir: str | Path,
     reference_outputs_path: str | Path | None,
@@ -332,8 +401,14 @@ def evaluate_alpaca(
 ) -> dict:
     """Generate, write ``model_outputs.json``, judge against the reference and score.
 
+    ``out_dir`` holds one run: once the generations are done, the judge outputs of an
+    earlier run there (``annotations.json``, ``leaderboard.json``, which describe its
+    ``model_outputs.json``) are removed before the new ``model_outputs.json`` replaces the old
+    one, so no stale file is left beside the new outputs. Use a fresh ``out_dir`` per decoder
+    to keep every run. A failure before the generations are done leaves the folder untouched.
+
     Args:
-        prompts_source: See :func:`load_prompts`.
+        prompts_source: See :func:`load_prompts`, or records it returned.
         generate_fn: ``generate_fn(instructions) -> generations`` (``text``, ``seconds``,
             ``critical_path``).
         out_dir: Folder for ``model_outputs.json``, ``annotations.json``, ``leaderboard.json``.
@@ -348,27 +423,27 @@ def evaluate_alpaca(
     """
     out = Path(out_dir)
     judging = judge is not None and bool(judge.base_url)
-    prompts = load_prompts(prompts_source, limit)
+    if isinstance(prompts_source, str):
+        prompts = load_prompts(prompts_source, limit)
+    else:
+        prompts = list(prompts_source)[:limit] if limit is not None else list(prompts_source)
     instructions = [p["instruction"] for p in prompts]
     refs: list[dict] = []
     if judging:
         _alpaca_metrics()  # fail before generating when the extra is missing
         if reference_outputs_path is None:
             raise ValueError("judging needs reference_outputs_path (alpaca_eval outputs file)")
-        by_instr = {r["instruction"]: r for r in _read_records(Path(reference_outputs_path))}
-        missing = [s for s in instructions if s not in by_instr]
-        if missing:
-            raise ValueError(f"{reference_outputs_path}: no reference output for {len(missing)} "
-                             f"prompt(s), e.g. {missing[0][:80]!r}")
-        refs = [by_instr[s] for s in instructions]
-    records = write_model_outputs(prompts, list(generate_fn(instructions)),
-                                  out / "model_outputs.json", generator_name)
+        refs = load_reference(reference_outputs_path, instructions)
+    generations = list(generate_fn(instructions))
+    for name in JUDGE_OUTPUTS:  # they describe the model_outputs.json about to be replaced
+        (out / name).unlink(missing_ok=True)
+    records = write_model_outputs(prompts, generations, out / "model_outputs.json", generator_name)
     n = len(records)
     board: dict[str, Any] = {"generator": generator_name, "n": n}
     for key, name in (("latency_s", "mean_latency_s"), ("critical_path", "mean_critical_path")):
         board[name] = sum(r[key] for r in records) / max(n, 1)
     if not judging:
-        log.warning("no judge configured (base_url is None): wrote %s, skipped judging",
+        log.warning("no judge configured (--judge-url not given): wrote %s, skipped judging",
                     out / "model_outputs.json")
         board.update(judged=False, win_rate=None, length_controlled_winrate=None)
         _write_json(out / "leaderboard.json", board)

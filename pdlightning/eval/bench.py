@@ -1,7 +1,7 @@
 """``pdlightning bench``: train (or reuse) the models of the paper's comparison
 on the embedded default, decode the test prompts with every decoder, and write
 ``results.json``, ``results.md`` and plots, every ratio taken against AR in the
-same run. Sweeps (r, tau, length_scale) and ablations (no sync, no topics) are
+same run. Sweeps (any decoder knob: r, tau, length_scale, Fast-dLLM's factor) and ablations (no sync, no topics) are
 entries of the same config.
 """
 

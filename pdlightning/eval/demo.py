@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
         f"and {100 * pd['fact_accuracy_minus_ar']:+.1f} points of fact accuracy "
         f"({100 * pd['fact_accuracy']:.1f}% vs {100 * ar['fact_accuracy']:.1f}%)."
     )
-    print(next_steps(cfg.out_dir, cfg.seed))
+    if "planned" in cfg.models:  # the quick start's models (another --config may name its own)
+        print(next_steps(cfg.out_dir, cfg.seed))
     return 0
 
 

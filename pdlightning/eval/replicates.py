@@ -18,6 +18,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from pdlightning.jsonio import read_json
+
 #: Config keys that may differ between replicates; any other difference is refused.
 FREE_KEYS = ("seed", "out_dir", "threads", "warmup", "cache_dir")
 
@@ -34,17 +36,26 @@ def load_runs(dirs: list[str | Path]) -> list[dict[str, Any]]:
     """Each directory's ``results.json``; refused unless the runs are replicates of one config.
 
     Raises:
-        ValueError: Fewer than two runs, a missing file, configs that differ in
-            a key outside :data:`FREE_KEYS`, or different decoder rows.
+        ValueError: Fewer than two runs, one directory given twice, a missing or
+            malformed file (named), two runs with the same seed, configs that differ
+            in a key outside :data:`FREE_KEYS`, or different decoder rows.
     """
     if len(dirs) < 2:
         raise ValueError(f"give at least two run directories to compare, got {len(dirs)}")
-    runs = []
+    seen: dict[Path, str | Path] = {}
     for d in dirs:
-        path = Path(d) / "results.json"
-        if not path.is_file():
-            raise ValueError(f"{path} not found: run `pdlightning bench` (or `demo`) with --out_dir {d} first")
-        runs.append({"path": str(path), **json.loads(path.read_text())})
+        key = Path(d).resolve()
+        if key in seen:
+            raise ValueError(f"{d} is given twice (as {seen[key]} too): each replicate counts once")
+        seen[key] = d
+    runs = [_read_run(d) for d in dirs]
+    seeds: dict[Any, str] = {}
+    for run in runs:
+        seed = run["config"].get("seed")
+        if seed in seeds:
+            raise ValueError(f"{seeds[seed]} and {run['path']} are runs with the same seed ({seed!r}): "
+                             "replicates differ in their seed")
+        seeds[seed] = run["path"]
     first = runs[0]
     for run in runs[1:]:
         for key in sorted(set(first["config"]) | set(run["config"])):
@@ -55,6 +66,27 @@ def load_runs(dirs: list[str | Path]) -> list[dict[str, Any]]:
         if list(run["results"]) != list(first["results"]):
             raise ValueError(f"{first['path']} and {run['path']} have different decoder rows")
     return runs
+
+
+def _read_run(d: str | Path) -> dict[str, Any]:
+    """``results.json`` of one run directory, checked (``config`` and per-row numeric measures)."""
+    path = Path(d) / "results.json"
+    if not path.is_file():
+        raise ValueError(f"{path} not found: run `pdlightning bench` (or `demo`) with --out_dir {d} first")
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object with 'config' and 'results', got {type(data).__name__}")
+    for key in ("config", "results"):
+        if not isinstance(data.get(key), dict):
+            raise ValueError(f"{path}: no {key!r} object: not a results.json written by `pdlightning bench`")
+    if "baseline" not in data["config"]:
+        raise ValueError(f"{path}: its 'config' has no 'baseline'")
+    for row, measures in data["results"].items():
+        for key, *_ in MEASURES:
+            value = measures.get(key) if isinstance(measures, dict) else None
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                raise ValueError(f"{path}: row {row!r} has no number for {key!r} (got {_short(value)})")
+    return {**data, "path": str(path)}
 
 
 def _short(value: Any, width: int = 60) -> str:
@@ -93,14 +125,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dirs", nargs="+", help="bench output directories (each with a results.json)")
     p.add_argument("--json", help="also write the summary here")
     a = p.parse_args(argv)
+    if a.json and Path(a.json).is_dir():
+        p.error(f"--json {a.json} is a directory: give a file name")
     try:
         runs = load_runs(a.dirs)
     except ValueError as e:
         p.error(str(e))
     summary = summarise(runs)
+    if a.json:  # written before the table is printed: a failure shows no table as if all went well
+        target = Path(a.json)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(json.dumps({"runs": [r["path"] for r in runs], "rows": summary}, indent=2))
+        except OSError as e:
+            p.exit(1, f"{p.prog}: error: cannot write --json {target}: {e.strerror or e}\n")
     print(markdown(summary, len(runs), runs[0]["config"]["baseline"]))
-    if a.json:
-        Path(a.json).write_text(json.dumps({"runs": [r["path"] for r in runs], "rows": summary}, indent=2))
     return 0
 
 
