@@ -50,13 +50,17 @@ class PDLightningCLI(LightningCLI):
         parser.link_arguments("data.spec", "model.spec", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
-        """``--ckpt_path last`` resumes from the newest ``last.ckpt`` under the run's root.
+        """Refuse an attention the run's device cannot use, before anything is built;
+        ``--ckpt_path last`` resumes from the newest ``last.ckpt`` under the run's root.
 
         Lightning looks for ``last`` only in the checkpoint directory of the new
         run, which a versioned logger makes a fresh, empty one.
         """
         cfg = self.config.get(self.subcommand) if self.subcommand else None
-        if cfg is None or cfg.get("ckpt_path") != "last":
+        if cfg is None:
+            return
+        self._check_attention(cfg)
+        if cfg.get("ckpt_path") != "last":
             return
         root = Path(cfg.trainer.default_root_dir or ".")
         found = sorted(root.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
@@ -64,6 +68,21 @@ class PDLightningCLI(LightningCLI):
             raise SystemExit(f"--ckpt_path last: no last.ckpt under {root}")
         cfg.ckpt_path = str(found[-1])
         print(f"--ckpt_path last: {found[-1]}")
+
+
+    def _check_attention(self, cfg) -> None:  # type: ignore[no-untyped-def]
+        import torch
+
+        from pdlightning.masks import check_attention
+
+        backbone = (cfg.get("model") or {}).get("backbone") or {}
+        attn = backbone.get("attn_implementation") if hasattr(backbone, "get") else None
+        accelerator = str(cfg.trainer.get("accelerator") or "auto")
+        on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+        try:
+            check_attention(attn, "cpu" if on_cpu else None)
+        except ValueError as e:
+            raise SystemExit(f"pdlightning {self.subcommand}: error: --model.backbone.{e}") from None
 
 
 def build_cli(args: list[str] | None, run: bool = True) -> PDLightningCLI:

@@ -70,6 +70,10 @@ def test_a_value_a_class_refuses_is_one_line_and_no_second_optimizer_exists(tmp_
                       ("--data.tag_preset=papr", "unknown tag preset 'papr'")):
         with pytest.raises(SystemExit, match=f"^pdlightning: error: {said}"):
             build_cli([*args, bad], run=False)
+    for attn, said in (("flex_attention", "'flex_attention' is for GPUs"),  # smoke.yaml trains on the CPU
+                       ("flash_attention_2", "'flash_attention_2' cannot take the hybrid attention mask")):
+        with pytest.raises(SystemExit, match=f"^pdlightning fit: error: --model.backbone.attn_implementation {said}"):
+            build_cli(["fit", *args, f"--model.backbone.attn_implementation={attn}"])  # exits before building
     # the module's optimiser and per-stage schedule are the only ones: no top-level --optimizer replaces them
     with pytest.raises(SystemExit):
         parse_config([*args, "--optimizer=torch.optim.SGD"])
