@@ -196,7 +196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for g in done:
             if not streamed:
                 print(f"> {g.prompt}")
-            print(show(g, colour, spans=not streamed) if args.show_plan else g.text)
+            if args.show_plan:
+                print(show(g, colour, spans=not streamed))
+            else:  # an empty answer says why (e.g. a planned decoder on a model that never learnt to plan)
+                print(g.text or f"(no answer; {', '.join(g.repairs) or 'the model ended at once'})")
             print()
             streamed.clear()
             shown += 1

@@ -226,3 +226,9 @@ def test_generate_command_points_from_a_run_directory_to_its_model(trained: Path
     out = cli("generate", "--checkpoint", str(trained / "hf"), "--input", str(prompts), "--output", str(prompts))
     assert out.returncode != 0 and "would overwrite the prompts" in out.stderr
     assert prompts.read_text() == json.dumps({"prompt": "hi"}) + "\n"
+    # every prompt prints an answer line; an empty answer says why (its repairs)
+    out = cli("generate", "--checkpoint", str(trained / "hf"), "--input", str(prompts), "--output", str(tmp_path / "o"),
+              "--max_new_tokens", "3")
+    answer = out.stdout.split("> hi\n", 1)[1].splitlines()[0]
+    text, repairs = (lambda r: (r["text"], r["repairs"]))(json.loads((tmp_path / "o").read_text()))
+    assert answer == (text or f"(no answer; {', '.join(repairs) or 'the model ended at once'})") and answer
