@@ -124,6 +124,7 @@ def parse_config(args: list[str]) -> object:
 def export_main(argv: list[str]) -> int:
     """``pdlightning export --config CFG --ckpt_path CKPT --output DIR``."""
     import argparse
+    import pickle
 
     import torch
 
@@ -134,10 +135,14 @@ def export_main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     if not Path(a.ckpt_path).is_file():
         p.error(f"{a.ckpt_path}: checkpoint not found (fit saves them under <log dir>/checkpoints/)")
+    try:  # read first: a damaged file is named before a model is built
+        state = torch.load(a.ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
+    except (RuntimeError, OSError, KeyError, TypeError, pickle.UnpicklingError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        p.error(f"{a.ckpt_path}: not a readable Lightning checkpoint ({reason})")
     args = [x for c in a.config for x in ("--config", c)]
     cli = build_cli(args, run=False)
-    state = torch.load(a.ckpt_path, map_location="cpu", weights_only=True)
-    cli.model.load_state_dict(state["state_dict"])
+    cli.model.load_state_dict(state)
     out = cli.model.export(a.output)
     print(f"exported {a.ckpt_path} to {out}")
     return 0

@@ -98,6 +98,13 @@ def test_export_of_a_missing_checkpoint_says_so_before_building_anything(tmp_pat
               "--output", str(tmp_path / "hf")])
     assert exit_.value.code == 2 and f"{missing}: checkpoint not found" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+    for damaged in (b"PK\x03\x04 cut short", b"not a checkpoint"):  # a truncated zip, any other file
+        missing.write_bytes(damaged)
+        with pytest.raises(SystemExit) as exit_:
+            main(["export", "--config", str(ROOT / "configs/smoke.yaml"), "--ckpt_path", str(missing),
+                  "--output", str(tmp_path / "hf")])
+        assert exit_.value.code == 2 and f"{missing}: not a readable Lightning checkpoint (" in capsys.readouterr().err
+        assert not (tmp_path / "hf").exists()
 
 
 @pytest.mark.slow
