@@ -42,8 +42,11 @@ class PDLightningCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except ValueError as e:  # e.g. data.batch_size: 0, an unknown tag preset: the config's fault, not a crash
-            prog = " ".join(filter(None, ("pdlightning", self.subcommand)))
-            raise SystemExit(f"{prog}: error: {e}") from None
+            raise self._config_error(e) from None
+
+    def _config_error(self, message: object) -> SystemExit:
+        """The one-line exit of a config a class or check refuses."""
+        return SystemExit(f"{' '.join(filter(None, ('pdlightning', self.subcommand)))}: error: {message}")
 
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
         parser.link_arguments("data.tokenizer", "model.tokenizer", apply_on="instantiate")
@@ -75,14 +78,13 @@ class PDLightningCLI(LightningCLI):
 
         from pdlightning.masks import check_attention
 
-        backbone = (cfg.get("model") or {}).get("backbone") or {}
-        attn = backbone.get("attn_implementation") if hasattr(backbone, "get") else None
+        attn = cfg.get("model.backbone.attn_implementation")
         accelerator = str(cfg.trainer.get("accelerator") or "auto")
         on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
         try:
             check_attention(attn, "cpu" if on_cpu else None)
         except ValueError as e:
-            raise SystemExit(f"pdlightning {self.subcommand}: error: --model.backbone.{e}") from None
+            raise self._config_error(f"--model.backbone.{e}") from None
 
 
 def build_cli(args: list[str] | None, run: bool = True) -> PDLightningCLI:

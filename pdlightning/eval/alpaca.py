@@ -394,7 +394,7 @@ def evaluate_alpaca(
     prompts_source: str | Sequence[dict],
     generate_fn: Callable[[list[str]], Sequence[Any]],
     out_dir: str | Path,
-    reference_outputs_path: str | Path | None,
+    reference_outputs_path: str | Path | Sequence[dict] | None,
     judge: JudgeConfig | None,
     generator_name: str,
     limit: int | None = None,
@@ -412,7 +412,8 @@ def evaluate_alpaca(
         generate_fn: ``generate_fn(instructions) -> generations`` (``text``, ``seconds``,
             ``critical_path``).
         out_dir: Folder for ``model_outputs.json``, ``annotations.json``, ``leaderboard.json``.
-        reference_outputs_path: alpaca_eval outputs file of the baseline, matched by instruction.
+        reference_outputs_path: alpaca_eval outputs file of the baseline, matched by instruction,
+            or the records :func:`load_reference` returned for these prompts.
         judge: Judge endpoint; ``None`` or ``base_url=None`` writes the outputs and skips judging.
         generator_name: Name of the evaluated decoder.
         limit: Evaluate only the first ``limit`` prompts.
@@ -433,7 +434,8 @@ def evaluate_alpaca(
         _alpaca_metrics()  # fail before generating when the extra is missing
         if reference_outputs_path is None:
             raise ValueError("judging needs reference_outputs_path (alpaca_eval outputs file)")
-        refs = load_reference(reference_outputs_path, instructions)
+        refs = (load_reference(reference_outputs_path, instructions)
+                if isinstance(reference_outputs_path, (str, Path)) else list(reference_outputs_path))
     generations = list(generate_fn(instructions))
     for name in JUDGE_OUTPUTS:  # they describe the model_outputs.json about to be replaced
         (out / name).unlink(missing_ok=True)

@@ -81,8 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise _fail(e) from None
     try:  # every input is read and checked before the model loads
         prompts = load_prompts(a.prompts, a.limit)
-        if a.reference:
-            load_reference(a.reference, [q["instruction"] for q in prompts])
+        refs = load_reference(a.reference, [q["instruction"] for q in prompts]) if a.reference else None
         if a.judge_url:
             _alpaca_metrics()
     except (ImportError, OSError, ValueError) as e:
@@ -98,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     judge = JudgeConfig(base_url=a.judge_url, model=a.judge_model, api_key_env=a.api_key_env,
                         max_concurrency=a.concurrency) if a.judge_url else None
     try:
-        board = evaluate_alpaca(prompts, generate, a.out, a.reference, judge, a.generator or strategy.name)
+        board = evaluate_alpaca(prompts, generate, a.out, refs, judge, a.generator or strategy.name)
     except (ImportError, OSError, ValueError, RuntimeError, JudgeError) as e:
         raise _fail(e) from None
     print(json.dumps(board, indent=2))
