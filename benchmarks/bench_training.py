@@ -1,7 +1,7 @@
 """Training throughput of the planned objective against plain causal-LM training
 of the same backbone on the same data, in one run, with peak memory.
 
-    python benchmarks/bench_training.py [--steps 20] [--batch_size 16] [--threads 2]
+    python benchmarks/bench_training.py [--steps 60] [--batch_size 8] [--threads 2]
     python benchmarks/bench_training.py --kernels   # attention alone: mask vs causal vs none
 
 Both arms use the tiny backbone of configs/tiny.yaml and the bundled set: the
@@ -10,7 +10,14 @@ causal arm on the tag-stripped answers with the backbone's own causal attention
 (no 4D mask, the fastest path it has). Both arms train on the same examples in
 the same batches; throughput counts their *answer* tokens (prompt + plain
 answer) per second, so the planned arm is not credited for its plan, tags and
-pads (``processed`` tokens/s, which does credit them, is printed too). Peak memory is the process's peak RSS after each arm (causal runs first).
+pads (``processed`` tokens/s, which does credit them, is printed too).
+
+The arms take turns, one step each (which goes first alternates), so a spell of
+a slower machine (another process, a throttled core) slows both alike and the
+ratio stays a ratio from one run. Peak memory is the process's peak RSS after
+each arm's untimed warm-up on the longest batches (causal first), the steps
+whose activations are the largest. The batch size defaults to the tiny recipe's
+(``data.batch_size`` of configs/tiny.yaml).
 Prints a table and one JSON line last.
 """
 
@@ -33,27 +40,55 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_arm(module: PlannedDiffusionModule, batches: list, causal_fast_path: bool, steps: int) -> dict:
-    opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
-    times, tokens, processed = [], [], []
-    for k in range(steps + 2):
-        batch = batches[k % len(batches)]
+class Arm:
+    """One arm of the comparison: its own module, optimiser and batches."""
+
+    def __init__(self, module: PlannedDiffusionModule, batches: list, causal_fast_path: bool) -> None:
+        self.module, self.batches, self.causal_fast_path = module, batches, causal_fast_path
+        self.opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
+        self.times: list[float] = []
+        self.tokens: list[int] = []
+        self.processed: list[int] = []
+
+    def step(self, batch) -> float:
         t0 = time.perf_counter()
-        if causal_fast_path:
-            labels = batch.ar_labels
-            logits = module.backbone(input_ids=batch.input_ids, use_cache=False).logits
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        if self.causal_fast_path:
+            logits = self.module.backbone(input_ids=batch.input_ids, use_cache=False).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.ar_labels.flatten(), ignore_index=-100)
         else:
-            loss = module.loss_terms(batch).loss
+            loss = self.module.loss_terms(batch).loss
         loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if k >= 2:  # warm-up steps not timed
-            times.append(time.perf_counter() - t0)
-            tokens.append(batch.answer_tokens)
-            processed.append(int(batch.lengths.sum()))
-    return {"step_s": statistics.median(times), "tokens_per_s": sum(tokens) / sum(times),
-            "processed_tokens_per_s": sum(processed) / sum(times)}
+        self.opt.step()
+        self.opt.zero_grad()
+        return time.perf_counter() - t0
+
+    def timed_step(self, k: int) -> None:
+        batch = self.batches[k]
+        self.times.append(self.step(batch))
+        self.tokens.append(batch.answer_tokens)
+        self.processed.append(int(batch.lengths.sum()))
+
+    def summary(self) -> dict:
+        return {"step_s": statistics.median(self.times), "tokens_per_s": sum(self.tokens) / sum(self.times),
+                "processed_tokens_per_s": sum(self.processed) / sum(self.times)}
+
+
+def run_arms(arms: dict[str, Arm], steps: int, warmup: int = 2) -> dict:
+    """Warm each arm up on its longest batches (untimed; peak RSS after each), then
+    time ``steps`` steps per arm, the arms taking turns."""
+    results: dict = {}
+    for name, arm in arms.items():
+        longest = sorted(range(len(arm.batches)), key=lambda k: -int(arm.batches[k].lengths.sum()))[:warmup]
+        for k in longest:
+            arm.step(arm.batches[k])
+        results[name] = {"peak_rss_mb": peak_rss_mb()}
+    order = list(arms)
+    for k in range(steps):
+        for name in order if k % 2 == 0 else order[::-1]:
+            arms[name].timed_step(k)
+    for name, arm in arms.items():
+        results[name].update(arm.summary())
+    return results
 
 
 def time_attention_kernels(batch: int, length: int, heads: int = 4, head_dim: int = 32, reps: int = 10) -> dict:
@@ -78,13 +113,17 @@ def time_attention_kernels(batch: int, length: int, heads: int = 4, head_dim: in
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=60, help="timed steps per arm")
+    p.add_argument("--batch_size", type=int, default=None, help="default: configs/tiny.yaml's data.batch_size")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache_dir", default=".cache/pdlightning")
     p.add_argument("--kernels", action="store_true", help="time the attention kernels alone (rows of 270)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    with open("configs/tiny.yaml") as f:
+        recipe = yaml.safe_load(f)
+    if a.batch_size is None:
+        a.batch_size = recipe["data"]["batch_size"]
     if a.kernels:
         for name, sec in time_attention_kernels(a.batch_size, 270).items():
             print(f"{name:<14}{sec * 1e3:8.1f} ms per forward + backward")
@@ -92,14 +131,13 @@ def main() -> None:
     torch.manual_seed(0)
     dm = PlannedDataModule(cache_dir=a.cache_dir, batch_size=a.batch_size, stages=[Stage("planned", None)])
     dm.setup()
-    with open("configs/tiny.yaml") as f:
-        cfg = yaml.safe_load(f)["model"]["backbone"]["config"]
+    cfg = recipe["model"]["backbone"]["config"]
     datasets = {mode: dm.dataset("train", mode) for mode in ("autoregressive", "planned")}
     plain = datasets["autoregressive"]
     lengths = datasets["planned"].lengths()
     plain_lengths = plain.lengths()
-    index_batches = list(LengthGroupedSampler(lengths, a.batch_size, seed=0, epoch=0))[: a.steps + 2]
-    results: dict = {}
+    index_batches = list(LengthGroupedSampler(lengths, a.batch_size, seed=0, epoch=0))[: a.steps]
+    arms = {}
     for name, mode in (("causal", "autoregressive"), ("planned", "planned")):
         collate = dm.collate_fn(mode)
         batches = []
@@ -109,8 +147,8 @@ def main() -> None:
             batches.append(batch)
         torch.manual_seed(0)
         module = PlannedDiffusionModule(tokenizer=dm.tokenizer, spec=dm.spec, backbone=BackboneConfig(config=cfg))
-        results[name] = run_arm(module, batches, causal_fast_path=(name == "causal"), steps=a.steps)
-        results[name]["peak_rss_mb"] = peak_rss_mb()
+        arms[name] = Arm(module, batches, causal_fast_path=(name == "causal"))
+    results = run_arms(arms, a.steps)
     ratio = results["planned"]["tokens_per_s"] / results["causal"]["tokens_per_s"]
     print(f"{'arm':<10}{'step (s)':>10}{'answer tok/s':>14}{'processed tok/s':>17}{'peak RSS (MB)':>15}")
     for name in ("causal", "planned"):
