@@ -443,13 +443,38 @@ def test_annotate_refuses_an_unrelated_jsonl_output(tmp_path: Path, examples: li
         with pytest.raises(ValueError, match=r"out\.jsonl already exists .*nothing was changed"):
             annotate_file(src, out, _Counting(), progress=False)
         _assert_untouched(out, text.encode())
-    # a complete output of the first 3 rows only is not a finished run on this input
-    annotate_file(tmp_path / "in.jsonl", out, _Counting(), resume=False, progress=False)
-    before = "".join(out.read_text().splitlines(keepends=True)[:3])
-    out.write_text(before)
-    with pytest.raises(ValueError, match="nothing was changed"):
+    # a finished run's rows in another order are not this input's annotations
+    annotate_file(src, out, _Counting(), resume=False, progress=False)
+    swapped = out.read_text().splitlines(keepends=True)
+    swapped[0], swapped[1] = swapped[1], swapped[0]
+    out.write_text("".join(swapped))
+    with pytest.raises(ValueError, match=r"nothing was changed"):
         annotate_file(src, out, _Counting(), progress=False)
-    _assert_untouched(out, before.encode())
+    _assert_untouched(out, "".join(swapped).encode())
+
+
+def test_annotate_extends_a_finished_run_when_rows_are_added(tmp_path: Path, examples: list[dict]) -> None:
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = _write_input(src, examples[:12])
+    src.write_text("\n".join(lines[:7]) + "\n")  # the first 6 rows, two of them bad
+    first_calls = _Counting()
+    annotate_file(src, out, first_calls, progress=False)
+    rejected = tmp_path / "out.jsonl.rejected.jsonl"
+    first, first_rejected = out.read_text(), rejected.read_text()
+    assert first and first_rejected
+    src.write_text("\n".join(lines) + "\n")  # the user appends rows to the input
+    with pytest.raises(KeyboardInterrupt):  # a killed extension leaves the first run whole
+        annotate_file(src, out, _KilledAtStart(), progress=False)
+    assert out.read_text() == first and rejected.read_text() == first_rejected
+    calls, fresh_calls = _Counting(), _Counting()
+    summary = annotate_file(src, out, calls, progress=False)
+    fresh = tmp_path / "fresh.jsonl"
+    annotate_file(src, fresh, fresh_calls, progress=False)
+    assert summary.resumed == 6 and calls.calls == fresh_calls.calls[len(first_calls.calls):]  # only new rows
+    assert calls.calls
+    assert out.read_text() == fresh.read_text()  # as if the whole input had been annotated at once
+    assert rejected.read_text() == (tmp_path / "fresh.jsonl.rejected.jsonl").read_text()
+    assert out.read_text().startswith(first)
 
 
 def test_annotate_refuses_rows_without_tagged(tmp_path: Path, examples: list[dict]) -> None:

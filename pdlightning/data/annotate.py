@@ -433,13 +433,16 @@ def annotate_file(
         annotator: The annotator (its ``spec`` renders the tagged text).
         resume: Continue an interrupted (or finished) run instead of starting over. An
             existing ``output`` is only ever replaced when it is a finished run on this
-            same input (it is then reopened as a copy); ``resume=False`` replaces it.
+            input or on its first rows (rows added to the input since are then
+            annotated); it is reopened as a copy, so it stays whole until the run
+            ends. ``resume=False`` replaces it.
         progress: Show a tqdm progress bar on stderr.
 
     Raises:
         FileNotFoundError: The input does not exist.
         ValueError: A partial output does not match the input (it changed since), an
-            existing output is not a finished run on this input (it is left as it was),
+            existing output is not a finished run on this input or its first rows (it
+            is left as it was),
             the output is a directory, or the output (or one of its side files) is the input.
     """
     from tqdm import tqdm
@@ -459,15 +462,20 @@ def annotate_file(
     if not resume:
         for p in (partial, rejected_partial):
             p.unlink(missing_ok=True)
-    elif out.exists():  # the final rename replaces it: only if it is a finished run on this input
+    elif out.exists():
+        # the final rename replaces it: only if it is a finished run on this input, or on
+        # its first rows (rows were added to the input since), which this run extends
         try:
             rejected_rows = list(_complete_jsonl(rejected)) if rejected.exists() else []
+            covered = sum(1 for _ in _complete_jsonl(out)) + len(rejected_rows)
             with closing(_complete_jsonl(out)) as rows:
-                problem = _mismatch(src, rows, rejected_rows, summary.rows)
+                problem = ("it has more rows than the input" if covered > summary.rows
+                           else "it is empty" if covered == 0 < summary.rows
+                           else _mismatch(src, rows, rejected_rows, covered))
         except ValueError as e:
             problem = str(e)
         if problem:
-            raise ValueError(f"{out} already exists and is not a finished annotate output of {src} ({problem}); "
+            raise ValueError(f"{out} already exists and is not an annotate output of {src} ({problem}); "
                              "nothing was changed: choose another --output, or pass --no-resume to replace it")
         if not partial.exists():  # reopen a copy: ``out`` stays whole until the final rename
             if rejected.exists():
