@@ -32,7 +32,8 @@ class PDLightningCLI(LightningCLI):
     """LightningCLI with the tokenizer and tag spec linked from data to model, the
     model's own optimiser and per-stage schedule (``model.optimizer``,
     ``model.schedule``: no second, top-level ``--optimizer`` that would silently
-    replace them), and a value a class refuses reported as one line."""
+    replace them), and a value a class refuses (or data the config selects that
+    cannot train) reported as one line."""
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         kwargs.setdefault("auto_configure_optimizers", False)
@@ -42,6 +43,14 @@ class PDLightningCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except ValueError as e:  # e.g. data.batch_size: 0, an unknown tag preset: the config's fault, not a crash
+            raise self._config_error(e) from None
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        from pdlightning.data.datamodule import DataError
+
+        try:
+            super()._run_subcommand(subcommand)
+        except DataError as e:  # e.g. a max_length no training row fits
             raise self._config_error(e) from None
 
     def _config_error(self, message: object) -> SystemExit:

@@ -81,12 +81,17 @@ def test_a_value_a_class_refuses_is_one_line_and_no_second_optimizer_exists(tmp_
 
 
 def test_a_max_length_no_training_row_fits_is_an_error_not_an_untrained_model(tmp_path: Path):
+    from pdlightning.cli import build_cli
     from pdlightning.data.datamodule import PlannedDataModule
 
     dm = PlannedDataModule(cache_dir=str(ROOT / ".cache/pdlightning"), max_length=4,
                            bundled_sizes={"train": 40, "validation": 8, "test": 8})
     with pytest.raises(ValueError, match=r"all 40 training rows were discarded \({'too_long': 40}\).*max_length"):
         dm.setup()
+    # from the command line: one line naming the fix, and no model exported
+    with pytest.raises(SystemExit, match=r"^pdlightning fit: error: data: all \d+ training rows were discarded"):
+        build_cli(smoke_args(tmp_path, "--data.max_length=4"))
+    assert not list(tmp_path.rglob("*.safetensors")) and not list(tmp_path.rglob("*.ckpt"))
 
 
 def test_export_of_a_missing_checkpoint_says_so_before_building_anything(tmp_path: Path, capsys):

@@ -32,6 +32,11 @@ from pdlightning.tokenizer import (
 log = logging.getLogger(__name__)
 
 
+class DataError(ValueError):
+    """The data a config selects cannot train: the config's fault, found once the data
+    is read (inside ``fit``), and reported by the CLI as one line, not a traceback."""
+
+
 @dataclass
 class Stage:
     """One training stage: the objective's layout and how many epochs it lasts.
@@ -286,7 +291,7 @@ class PlannedDataModule(L.LightningDataModule):
                 log.warning("%s: discarded %d of %d rows: %s", name, sum(reasons.values()), len(done), dict(reasons))
             self.splits[name] = done.filter(lambda e: e is None, input_columns="error")
             if name == "train" and len(done) and not len(self.splits[name]):
-                raise ValueError(f"data: all {len(done)} training rows were discarded ({dict(reasons)}); "
+                raise DataError(f"data: all {len(done)} training rows were discarded ({dict(reasons)}); "
                                  "with too_long, raise data.max_length or set data.overflow: cut")
 
     # ------------------------------------------------------------------ loaders
