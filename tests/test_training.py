@@ -175,15 +175,16 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path: Path):
     a = run_cli(smoke_args(single, *common, "--data.batch_size=8",
                            f"--trainer.callbacks.init_args.dirpath={single / 'hf'}"), ROOT)
     assert a.returncode == 0, a.stderr[-3000:]
-    b = run_cli(smoke_args(ddp, *common, "--data.batch_size=4", "--trainer.devices=2",
-                           "--trainer.strategy=ddp", f"--trainer.callbacks.init_args.dirpath={ddp / 'hf'}"), ROOT)
+    # the config's own export, to <log_dir>/hf: finding log_dir is a collective every rank must join
+    b = run_cli(smoke_args(ddp, *common, "--data.batch_size=4", "--trainer.devices=2", "--trainer.strategy=ddp"), ROOT)
     assert b.returncode == 0, b.stderr[-3000:]
+    (exported,) = ddp.rglob("hf/model.safetensors")
     from safetensors.torch import load_file
 
     from pdlightning.model.backbone import build_backbone
 
     wa = load_file(str(single / "hf/model.safetensors"))
-    wb = load_file(str(ddp / "hf/model.safetensors"))
+    wb = load_file(str(exported))
     cfg = yaml.safe_load((ROOT / "configs/smoke.yaml").read_text())["model"]["backbone"]["config"]
     init = build_backbone(config=cfg, vocab_size=wa["model.embed_tokens.weight"].shape[0]).state_dict()
     moved = sum((wa[k] - init[k]).norm() ** 2 for k in wa) ** 0.5

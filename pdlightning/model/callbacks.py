@@ -43,8 +43,11 @@ class ExportHF(L.Callback):
         return Path(trainer.log_dir or trainer.default_root_dir) / "hf"
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if trainer.is_global_zero and _is_last_of_kind(self, ExportHF, trainer):
-            out = pl_module.export(str(self.target(trainer)))
+        if not _is_last_of_kind(self, ExportHF, trainer):
+            return
+        target = self.target(trainer)  # on every rank: trainer.log_dir is a broadcast from rank 0
+        if trainer.is_global_zero:
+            out = pl_module.export(str(target))
             log.info("exported the trained model to %s", out)
             print(f"exported the trained model to {out}")
 
