@@ -132,6 +132,22 @@ def parse_config(args: list[str]) -> object:
     raise AssertionError("unreachable")
 
 
+def _without_run_arguments(path: str) -> str:
+    """A config for building the model: the path itself, or, for the config.yaml that
+    ``fit`` saved (it also holds fit's own ``ckpt_path`` and ``weights_only``, which
+    build nothing and which a parser without a subcommand refuses), its content
+    without those keys."""
+    import yaml
+
+    try:
+        content = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return path  # LightningCLI names the problem
+    if not isinstance(content, dict) or not {"ckpt_path", "weights_only"} & content.keys():
+        return path
+    return yaml.safe_dump({k: v for k, v in content.items() if k not in ("ckpt_path", "weights_only")})
+
+
 def export_main(argv: list[str]) -> int:
     """``pdlightning export --config CFG --ckpt_path CKPT --output DIR``."""
     import argparse
@@ -140,10 +156,13 @@ def export_main(argv: list[str]) -> int:
     import torch
 
     p = argparse.ArgumentParser(prog="pdlightning export", description=OTHER_SUBCOMMANDS["export"][2])
-    p.add_argument("--config", required=True, action="append", help="the YAML the model was trained with")
+    p.add_argument("--config", required=True, action="append",
+                   help="the YAML(s) the model was trained with, or the config.yaml fit saved in its log dir")
     p.add_argument("--ckpt_path", required=True, help="a Lightning checkpoint (.ckpt)")
     p.add_argument("--output", required=True, help="directory to write")
-    a = p.parse_args(argv)
+    p.epilog = ("Any other option (--model.X=V, --data.X=V) is passed on, as the training run had it "
+                "on its command line; the config.yaml fit saved already holds them.")
+    a, overrides = p.parse_known_args(argv)
     if not Path(a.ckpt_path).is_file():
         p.error(f"{a.ckpt_path}: checkpoint not found (fit saves them under <log dir>/checkpoints/)")
     try:  # read first: a damaged file is named before a model is built
@@ -151,8 +170,8 @@ def export_main(argv: list[str]) -> int:
     except (RuntimeError, OSError, KeyError, TypeError, pickle.UnpicklingError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         p.error(f"{a.ckpt_path}: not a readable Lightning checkpoint ({reason})")
-    args = [x for c in a.config for x in ("--config", c)]
-    cli = build_cli(args, run=False)
+    args = [x for c in a.config for x in ("--config", _without_run_arguments(c))]
+    cli = build_cli([*args, *overrides], run=False)
     cli.model.load_state_dict(state)
     out = cli.model.export(a.output)
     print(f"exported {a.ckpt_path} to {out}")

@@ -122,6 +122,14 @@ def test_smoke_config_lowers_the_loss_and_exports(tmp_path: Path):
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2
     hf = next(tmp_path.rglob("hf"))
     assert (hf / "model.safetensors").exists() and (hf / "tag_spec.json").exists()
+    # `pdlightning export` from the config fit saved (it holds fit's ckpt_path) gives the same weights
+    from pdlightning.cli import main
+
+    (saved,) = tmp_path.rglob("config.yaml")
+    (last,) = tmp_path.rglob("last.ckpt")
+    assert "ckpt_path" in saved.read_text()
+    assert main(["export", "--config", str(saved), "--ckpt_path", str(last), "--output", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again/model.safetensors").read_bytes() == (hf / "model.safetensors").read_bytes()
 
 
 @pytest.mark.slow
