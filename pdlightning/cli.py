@@ -28,6 +28,13 @@ OTHER_SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+def _trusts_remote_code(backbone: object) -> bool:
+    """``data.trust_remote_code`` from ``model.backbone.trust_remote_code``: one switch for
+    the checkpoint's code, its model's and its tokenizer's."""
+    args = getattr(backbone, "init_args", backbone)  # jsonargparse gives the dataclass as class_path + init_args
+    return bool(getattr(args, "trust_remote_code", False))
+
+
 class PDLightningCLI(LightningCLI):
     """LightningCLI with the tokenizer and tag spec linked from data to model, the
     model's own optimiser and per-stage schedule (``model.optimizer``,
@@ -60,6 +67,7 @@ class PDLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
         parser.link_arguments("data.tokenizer", "model.tokenizer", apply_on="instantiate")
         parser.link_arguments("data.spec", "model.spec", apply_on="instantiate")
+        parser.link_arguments("model.backbone", "data.trust_remote_code", compute_fn=_trusts_remote_code)
 
     def before_instantiate_classes(self) -> None:
         """Refuse an attention the run's device cannot use, before anything is built;

@@ -80,6 +80,31 @@ def test_a_value_a_class_refuses_is_one_line_and_no_second_optimizer_exists(tmp_
     assert parse_config([*args, "--model.optimizer=torch.optim.SGD", "--model.optimizer.lr=0.1"]).model.optimizer
 
 
+def test_a_tokenizer_path_is_loaded_as_saved_and_checked(tmp_path: Path):
+    from pdlightning.cli import build_cli, parse_config
+    from pdlightning.data.datamodule import PlannedDataModule
+
+    cache = str(ROOT / ".cache/pdlightning")
+    bundled = PlannedDataModule(cache_dir=cache, bundled_sizes={"train": 40, "validation": 8, "test": 8})
+    model_dir = tmp_path / "model"
+    bundled.tokenizer.save_pretrained(model_dir)
+    (model_dir / "config.json").write_text('{"model_type": "qwen2"}')  # AutoTokenizer would pick Qwen2's class
+    text = "Name: Ann Lee\nAge: 31 and 100 grams"
+    loaded = PlannedDataModule(source="bundled", tokenizer_path=str(model_dir), cache_dir=cache,
+                               bundled_sizes={"train": 40, "validation": 8, "test": 8})
+    assert loaded.tokenizer.encode(text, add_special_tokens=False) == bundled.tokenizer.encode(
+        text, add_special_tokens=False)
+    (tmp_path / "weights_only").mkdir()
+    (tmp_path / "weights_only/config.json").write_text('{"model_type": "qwen2"}')
+    args = smoke_args(tmp_path)[1:]
+    for path, said in ((tmp_path / "weights_only", "has no tokenizer files"), (tmp_path / "nowhere", "is not a directory")):
+        with pytest.raises(SystemExit, match=f"^pdlightning: error: data.tokenizer_path: .*{said}"):
+            build_cli([*args, f"--data.tokenizer_path={path}"], run=False)
+    # one switch trusts a checkpoint's code, its model's and its tokenizer's
+    assert parse_config([*args, "--model.backbone.trust_remote_code=true"]).data.trust_remote_code is True
+    assert parse_config(args).data.trust_remote_code is False
+
+
 def test_a_max_length_no_training_row_fits_is_an_error_not_an_untrained_model(tmp_path: Path):
     from pdlightning.cli import build_cli
     from pdlightning.data.datamodule import PlannedDataModule

@@ -152,6 +152,8 @@ class PlannedDataModule(L.LightningDataModule):
             file or folder, or a ``datasets`` hub name (e.g. ``Open-Orca/SlimOrca``).
         tokenizer_path: Local tokenizer directory (a pretrained backbone's); None
             trains one on the training split (bundled set) and caches it.
+        trust_remote_code: Allow the tokenizer's own code (linked from
+            ``model.backbone.trust_remote_code`` on the command line: one switch).
         vocab_size: Size of a tokenizer trained here.
         tag_preset: ``paper`` or ``official`` control strings.
         length_unit: Tokens per planned length unit.
@@ -177,6 +179,7 @@ class PlannedDataModule(L.LightningDataModule):
         self,
         source: str = "bundled",
         tokenizer_path: str | None = None,
+        trust_remote_code: bool = False,
         vocab_size: int = 2048,
         tag_preset: str = "paper",
         length_unit: int = 10,
@@ -209,6 +212,7 @@ class PlannedDataModule(L.LightningDataModule):
             if value < low:
                 raise ValueError(f"data.{name} must be >= {low}, got {value}")
         self.source, self.cache_dir, self.seed = source, cache_dir, seed
+        self.trust_remote_code = trust_remote_code
         self.bundled_sizes = bundled_sizes
         self.dense, self.batch_size, self.length_grouped = dense, batch_size, length_grouped
         self.num_workers, self.validation_fraction, self.limit_train = num_workers, validation_fraction, limit_train
@@ -225,10 +229,16 @@ class PlannedDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ set-up
 
     def _tokenizer(self, path: str | None, spec: TagSpec, vocab_size: int) -> tuple[Any, TagSpec]:
-        if path is not None:
-            from transformers import AutoTokenizer
+        if path is not None:  # loaded as every decoder loads it: checked, and as saved
+            from pdlightning.decoding.lm import load_tokenizer
 
-            tok = AutoTokenizer.from_pretrained(path)
+            if not Path(path).is_dir():
+                raise ValueError(f"data.tokenizer_path: {path!r} is not a directory (a local model's, with its "
+                                 "tokenizer files)")
+            try:
+                tok = load_tokenizer(path, trust_remote_code=self.trust_remote_code)
+            except FileNotFoundError as e:
+                raise ValueError(f"data.tokenizer_path: {e}") from None
             return tok, add_control_tokens(tok, spec)
         if self.source != "bundled":
             raise ValueError("a tokenizer path is required for sources other than 'bundled'")
