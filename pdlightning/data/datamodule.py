@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pdlightning.data.collate import MODES, Batch, Mode, add_stochastic_pads, collate, example_rng
 from pdlightning.data.preprocess import LayoutOptions, preprocess_row
-from pdlightning.data.sources import bundled_files, load_rows
+from pdlightning.data.sources import LOCAL_SUFFIXES, bundled_files, load_rows
 from pdlightning.tags import TagSpec
 from pdlightning.tokenizer import (
     TOKENIZER_VERSION,
@@ -144,6 +144,16 @@ class LengthGroupedSampler(Sampler[list[int]]):
         return len(self._global_batches())
 
 
+def _check_source(source: str) -> None:
+    """Refuse a local file or folder that is not there, before a backbone loads: a
+    source that names a data file (by suffix) or starts like a path is not a hub name."""
+    path = Path(source).expanduser()
+    looks_local = path.suffix in LOCAL_SUFFIXES or source.startswith(("/", "./", "../", "~"))
+    if source != "bundled" and looks_local and not path.exists():
+        raise ValueError(f"data.source: {source!r} does not exist (a local .json, .jsonl or .parquet file or "
+                         "folder, a datasets hub name such as Open-Orca/SlimOrca, or bundled)")
+
+
 class PlannedDataModule(L.LightningDataModule):
     """Data for planned diffusion and its baselines.
 
@@ -211,6 +221,7 @@ class PlannedDataModule(L.LightningDataModule):
                                  ("max_length", max_length, 1), ("num_workers", num_workers, 0)):
             if value < low:
                 raise ValueError(f"data.{name} must be >= {low}, got {value}")
+        _check_source(source)
         self.source, self.cache_dir, self.seed = source, cache_dir, seed
         self.trust_remote_code = trust_remote_code
         self.bundled_sizes = bundled_sizes
