@@ -525,3 +525,127 @@ def test_annotate_rerun_of_a_finished_run_keeps_the_output(tmp_path: Path, examp
     assert calls.calls == [] and summary.kept == 8 and summary.resumed == 12
     assert out.read_bytes() == before and rejected.read_bytes() == rejected_before
     assert not (tmp_path / "out.jsonl.partial").exists()
+
+
+# --------------------------------------------------------------------------- row forms and resume checks
+
+
+def _conversation(system: str | None, human: str | None, gpt: Any) -> dict:
+    turns = [("system", system), ("human", human), ("gpt", gpt)]
+    return {"conversations": [{"from": who, "value": value} for who, value in turns if value is not None]}
+
+
+def test_annotate_reads_slimorca_rows_and_training_keeps_their_tags(tmp_path: Path, examples: list[dict]) -> None:
+    from pdlightning.data.sources import load_rows
+
+    src, out = tmp_path / "slim.jsonl", tmp_path / "slim.tagged.jsonl"
+    rows = [_conversation("You are helpful.", e["prompt"], e["response"]) for e in examples[:8]]
+    rows[2]["conversations"].pop()  # no answer
+    rows[5] = _conversation(None, examples[5]["prompt"], 7)  # an answer that is not text
+    rows.append({"instruction": examples[8]["prompt"], "output": examples[8]["response"]})  # Alpaca form
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    calls = _Counting()
+    summary = annotate_file(src, out, calls, progress=False)
+    assert summary.kept == 7 and summary.discarded == Counter({"bad_row": 2})
+    # the prompt is the human turn: the system turn stays out of it, as in the data path
+    assert calls.calls == [e["prompt"] for k, e in enumerate(examples[:9]) if k not in (2, 5)]
+    rejected = [json.loads(line) for line in (tmp_path / "slim.tagged.jsonl.rejected.jsonl").read_text().splitlines()]
+    assert "slim.jsonl:3: 'conversations' has no 'gpt' turn" in rejected[0]["detail"]
+    assert "slim.jsonl:6: the 'gpt' turn's value is int, not a string" in rejected[1]["detail"]
+    tagged = [json.loads(line) for line in out.read_text().splitlines()]
+    assert tagged[0] == {**rows[0], "tagged": tagged[0]["tagged"]}  # original fields kept, plus tagged
+    assert strip(tagged[0]["tagged"]) == examples[0]["response"]
+    # loaded for training, every row keeps the annotator's tags and its system turn
+    loaded = load_rows(str(out), tmp_path / "cache", validation_fraction=0.25)
+    got = {r["prompt"]: r for split in ("train", "validation") for r in loaded[split]}
+    assert len(got) == 7
+    for row in tagged:
+        prompt = row.get("instruction") or row["conversations"][1]["value"]
+        assert got[prompt]["tagged"] == row["tagged"]
+        assert got[prompt]["system"] == (None if "instruction" in row else "You are helpful.")
+
+
+def test_annotate_refuses_a_rejected_row_edited_in_place(tmp_path: Path, examples: list[dict]) -> None:
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = _write_input(src, examples[:12])
+    annotate_file(src, out, _Counting(), progress=False)
+    before = out.read_bytes()
+    fixed = json.dumps({"prompt": examples[3]["prompt"], "response": examples[3]["response"]})
+    for k, edit in ((3, fixed),  # the bad row at input line 4, fixed
+                    (11, json.dumps({"prompt": "p", "completion": "Done, with no tag now."}))):  # line 12
+        src.write_text("\n".join([*lines[:k], edit, *lines[k + 1:]]) + "\n")
+        with pytest.raises(ValueError, match=rf"input line {k + 1} changed since it was rejected.*--no-resume"):
+            annotate_file(src, out, _Counting(), progress=False)
+        _assert_untouched(out, before)
+    # the same in an interrupted run: its .partial is refused
+    src.write_text("\n".join(lines) + "\n")
+    out.unlink()
+    with pytest.raises(KeyboardInterrupt):
+        annotate_file(src, out, _Counting(stop_at=5), progress=False)  # rows up to line 8 written
+    src.write_text("\n".join([*lines[:3], fixed, *lines[4:]]) + "\n")
+    calls = _Counting()
+    with pytest.raises(ValueError, match=r"does not match .*input line 4 changed since it was rejected.*delete"):
+        annotate_file(src, out, calls, progress=False)
+    assert calls.calls == []
+    summary = annotate_file(src, out, calls, resume=False, progress=False)
+    assert summary.kept == 9 and summary.discarded == Counter({"bad_row": 2, "contains_tag": 1})
+
+
+class _Flaky(_Counting):
+    """Counting annotator whose request fails (endpoint down) for the rows with the given prompts."""
+
+    def __init__(self, fail: set[str], stop_at: int | None = None) -> None:
+        super().__init__(stop_at)
+        self.fail = fail
+
+    def annotate(self, prompt: str, response: str) -> Any:
+        tagged = super().annotate(prompt, response)
+        if prompt in self.fail:
+            raise AnnotationError("request_failed", "HTTP 503 from http://127.0.0.1/v1: down")
+        return tagged
+
+
+def test_annotate_retries_failed_requests(tmp_path: Path, examples: list[dict]) -> None:
+    src, out, fresh = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "fresh.jsonl"
+    _write_input(src, examples[:12])  # bad rows: 3, 5, 8 (lines 4, 6, 10); a tag in row 10
+    annotate_file(src, fresh, _Counting(), progress=False)
+    rejected, partial = tmp_path / "out.jsonl.rejected.jsonl", tmp_path / "out.jsonl.partial"
+    prompts = [e["prompt"] for e in examples[:12]]
+    redone = [prompts[k] for k in (7, 9, 10, 11)]  # every good row from the first failed one (line 9) on
+
+    first = annotate_file(src, out, _Flaky({prompts[7], prompts[9]}), progress=False)
+    assert first.discarded["request_failed"] == 2 and first.kept == 6
+    calls = _Counting()
+    summary = annotate_file(src, out, calls, progress=False)
+    assert calls.calls == redone
+    assert summary.retried == 2 and summary.resumed == 7 and summary.kept == 8
+    assert summary.discarded == Counter({"bad_row": 3, "contains_tag": 1})
+    assert "(7 resumed from an earlier run, 2 failed requests retried)" in str(summary)
+    assert out.read_bytes() == fresh.read_bytes()
+    assert rejected.read_bytes() == (tmp_path / "fresh.jsonl.rejected.jsonl").read_bytes()
+
+    # a killed retry leaves the finished output whole, and a later run finishes it
+    annotate_file(src, out, _Flaky({prompts[9]}), resume=False, progress=False)
+    before, rejected_before = out.read_bytes(), rejected.read_bytes()
+    with pytest.raises(KeyboardInterrupt):
+        annotate_file(src, out, _KilledAtStart(), progress=False)
+    assert out.read_bytes() == before and rejected.read_bytes() == rejected_before
+    calls = _Counting()
+    annotate_file(src, out, calls, progress=False)
+    assert calls.calls == prompts[9:] and out.read_bytes() == fresh.read_bytes()
+
+    # an interrupted run: its .partial resumes at the failed row too
+    with pytest.raises(KeyboardInterrupt):
+        annotate_file(src, out, _Flaky({prompts[7]}, stop_at=7), resume=False, progress=False)
+    assert '"request_failed"' in (tmp_path / "out.jsonl.rejected.jsonl.partial").read_text()
+    calls = _Counting()
+    summary = annotate_file(src, out, calls, progress=False)
+    assert calls.calls == redone and summary.retried == 1 and out.read_bytes() == fresh.read_bytes()
+
+    # killed between cutting the kept rows and the rejected ones: the next run cuts at the same row
+    annotate_file(src, out, _Flaky({prompts[7]}), resume=False, progress=False)
+    partial.write_text("".join(out.read_text().splitlines(keepends=True)[:5]))
+    (tmp_path / "out.jsonl.rejected.jsonl.partial").write_bytes(rejected.read_bytes())
+    calls = _Counting()
+    summary = annotate_file(src, out, calls, progress=False)
+    assert calls.calls == redone and summary.retried == 1 and out.read_bytes() == fresh.read_bytes()

@@ -170,6 +170,45 @@ def test_slimorca_conversations_and_parquet_sources_load(source, tmp_path: Path)
     assert first["response"].startswith("Item ")
 
 
+def test_annotated_conversations_rows_train_on_their_tags(source, tmp_path: Path):
+    """A SlimOrca row tagged by ``pdlightning annotate`` keeps its ``tagged`` field (not re-tagged)."""
+    from pdlightning.data.sources import load_rows
+    from pdlightning.tags import strip
+
+    rows = [{"conversations": [
+        {"from": "system", "value": "You are helpful."},
+        {"from": "human", "value": f"Tell me about item {i}."},
+        {"from": "gpt", "value": strip(GOOD[i]["completion"])},
+    ], "tagged": GOOD[i]["completion"]} for i in range(10)]
+    path = tmp_path / "slim.tagged.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = load_rows(str(path), tmp_path / "c", validation_fraction=0.2)
+    got = [r for split in ("train", "validation") for r in loaded[split]]
+    assert len(got) == 10
+    for r in got:
+        i = int(r["prompt"].split()[-1].rstrip("."))
+        assert r["tagged"] == GOOD[i]["completion"] and r["response"] == strip(GOOD[i]["completion"])
+        assert r["system"] == "You are helpful."
+    dm = PlannedDataModule(source=str(path), tokenizer_path=str(source[1]), cache_dir=str(tmp_path / "d"),
+                           validation_fraction=0.2, batch_size=2)
+    dm.setup()
+    planned = list(dm.splits["train"]["planned_ids"]) + list(dm.splits["validation"]["planned_ids"])
+    assert len(planned) == 10  # the annotator's sync stays: the heuristic would find none here
+    assert all(ids.count(dm.spec.id("sync")) == 1 for ids in planned)
+
+
+def test_a_file_mixing_answer_fields_reads_each_row_by_the_field_it_sets(tmp_path: Path):
+    """``datasets`` gives every row every column; a null ``completion`` must not hide a ``response``."""
+    from pdlightning.data.sources import load_rows
+
+    rows = [{"prompt": f"Q{i}", **({"completion": f"A{i}"} if i % 2 else {"response": f"A{i}"})} for i in range(10)]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = load_rows(str(path), tmp_path / "c", validation_fraction=0.2)
+    got = {r["prompt"]: r["response"] for split in ("train", "validation") for r in loaded[split]}
+    assert got == {f"Q{i}": f"A{i}" for i in range(10)}
+
+
 @pytest.mark.parametrize("mode", ["planned", "autoregressive"])
 def test_examples_are_read_row_by_row_with_the_lengths_of_their_columns(mode: str):
     """After a filter (an indices mapping over the Arrow table), items and lengths still match the rows."""

@@ -6,8 +6,9 @@ from a leading label or the first content words, and a ``<sync/>`` only before
 a part that refers back to earlier ones (a closing total, comparison or
 summary). :class:`~pdlightning.data.llm_annotator.LLMAnnotator` asks any
 OpenAI-compatible endpoint. Separators stay inside the span before them, so
-``strip(annotate(p, r)) == r``. :func:`annotate_file` tags a JSONL file (resume,
-atomic output, rejected rows kept); :func:`main` is ``pdlightning annotate``.
+``strip(annotate(p, r)) == r``. :func:`annotate_file` tags a JSONL file in any
+row form training reads (resume, failed requests retried, atomic output,
+rejected rows kept); :func:`main` is ``pdlightning annotate``.
 """
 
 from __future__ import annotations
@@ -311,6 +312,9 @@ def structure_agreement(examples: Iterable[dict], annotator: Annotator) -> float
 
 # --------------------------------------------------------------------------- files
 
+#: discard reasons of a transient failure (the endpoint was down or erred), retried by a re-run
+RETRY_REASONS = frozenset({"request_failed"})
+
 
 @dataclass
 class Summary:
@@ -320,13 +324,16 @@ class Summary:
     rows: int = 0
     kept: int = 0
     resumed: int = 0
+    retried: int = 0
     discarded: Counter = field(default_factory=Counter)
     first_errors: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lost = sum(self.discarded.values())
+        earlier = [f"{self.resumed} resumed from an earlier run"] if self.resumed else []
+        earlier += [f"{self.retried} failed requests retried"] if self.retried else []
         lines = [f"annotated {self.rows} rows -> {self.output}: kept {self.kept}, discarded {lost}"
-                 + (f" ({self.resumed} resumed from an earlier run)" if self.resumed else "")]
+                 + (f" ({', '.join(earlier)})" if earlier else "")]
         lines += [f"  {reason}: {n}" for reason, n in self.discarded.most_common()]
         if lost:
             lines.append(f"  rejected rows (with reasons): {self.output}.rejected.jsonl")
@@ -375,13 +382,16 @@ def _complete_jsonl(path: Path) -> Iterator[Any]:
 def _mismatch(src: Path, kept: Iterator[Any], rejected: list[Any], done: int) -> str | None:
     """Why ``kept`` + ``rejected`` rows are not the annotated first ``done`` rows of ``src`` (None if they are).
 
-    Every input row must be a rejected one (by ``line``) or have the next kept
+    Every input row must be a rejected one (by ``line``, still holding what was
+    rejected there: an input fixed in place is not done) or have the next kept
     row: the same fields plus a string ``tagged``. No row may be left over.
     """
-    rejected_lines = {r.get("line") for r in rejected if isinstance(r, dict)}
+    by_line = {r.get("line"): r for r in rejected if isinstance(r, dict)}
     skipped = 0
     for k, line in itertools.islice(_nonblank(src), done):
-        if k in rejected_lines:
+        if k in by_line:
+            if not _rejected_here(by_line[k], line):
+                return f"input line {k} changed since it was rejected"
             skipped += 1
             continue
         row, prev = _parse_row(line, "")[0], next(kept, None)
@@ -393,39 +403,112 @@ def _mismatch(src: Path, kept: Iterator[Any], rejected: list[Any], done: int) ->
     return None
 
 
+def _rejected_here(record: dict[str, Any], line: str) -> bool:
+    """Whether a rejected row's record is of this input line: its ``raw`` text (a bad row) or its ``row``."""
+    if "raw" in record:
+        return record["raw"] == line.rstrip("\n")
+    try:
+        return "row" in record and record["row"] == json.loads(line)
+    except ValueError:
+        return False
+
+
+def _first_retry(rejected: list[Any]) -> int | None:
+    """Index of the first rejected row whose request failed (retried on a re-run), None if none did."""
+    return next((i for i, r in enumerate(rejected) if isinstance(r, dict)
+                 and r.get("reason") in RETRY_REASONS and isinstance(r.get("line"), int)), None)
+
+
+def _resume_point(src: Path, n_kept: int, rejected: list[Any]) -> tuple[int, int, list[Any], int]:
+    """``(input rows done, kept rows, rejected rows, failed rows retried)`` to resume from.
+
+    Rows are written in input order and a run resumes after the first ``done``
+    input rows, so a failed request is retried by resuming at the first failed
+    row: the rows before it stay, every row from it on is done again (kept ones
+    too; an LLM cache makes that cheap). Those rows are never checked against
+    the input, since nothing of them is kept.
+    """
+    first = _first_retry(rejected)
+    if first is None:
+        return n_kept + len(rejected), n_kept, rejected, 0
+    line = rejected[first]["line"]
+    done = sum(1 for k, _ in _nonblank(src) if k < line)
+    retried = sum(isinstance(r, dict) and r.get("reason") in RETRY_REASONS for r in rejected[first:])
+    return done, done - first, rejected[:first], retried
+
+
+def _keep_first_rows(path: Path, n: int) -> None:
+    """Cut a ``.partial`` file after its first ``n`` rows."""
+    if path.exists():
+        with path.open("r+b") as f:
+            for _ in range(n):
+                f.readline()
+            f.truncate(f.tell())
+
+
 def _nonblank(path: Path) -> Iterator[tuple[int, str]]:
     with path.open(encoding="utf-8") as f:
         yield from ((k, line) for k, line in enumerate(f, start=1) if line.strip())
 
 
 def _parse_row(line: str, where: str) -> tuple[dict[str, Any] | None, str, str]:
-    """``(row, prompt, response)``, or ``(None, "", error)`` for a bad row."""
+    """``(row, prompt, response)``, or ``(None, "", error)`` for a bad row.
+
+    Prompt and response are read as training reads them
+    (:func:`~pdlightning.data.sources.normalise_row`), so every row form it
+    accepts is annotated, and a SlimOrca system turn stays out of the prompt,
+    as it does there. An answer already carrying plan tags is passed on, to be
+    rejected as ``contains_tag``.
+    """
+    from pdlightning.data.sources import normalise_row  # here: sources imports ``datasets``
+
     try:
         row = json.loads(line)
     except ValueError as e:
         return None, "", f"{where}: not valid JSON ({e})"
     if not isinstance(row, dict):
         return None, "", f"{where}: expected a JSON object, got {type(row).__name__}"
-    key = "completion" if "response" not in row and "completion" in row else "response"
-    for name in ("prompt", key):
-        if name not in row:
-            return None, "", f"{where}: missing field {name!r}" + (" (or 'completion')" if name == "response" else "")
-        if not isinstance(row[name], str):
-            return None, "", f"{where}: field {name!r} is {type(row[name]).__name__}, not a string"
-    return row, row["prompt"], row[key]
+    norm = normalise_row(row)
+    prompt, response = norm["prompt"], norm["response"] if norm["response"] is not None else norm["tagged"]
+    for kind, value in (("prompt", prompt), ("answer", response)):
+        if not isinstance(value, str):
+            return None, "", f"{where}: {_field_problem(row, kind, value)}"
+    return row, prompt, response
+
+
+def _field_problem(row: dict[str, Any], kind: str, value: Any) -> str:
+    """Why the ``prompt`` or ``answer`` of ``row`` is not text, named as the row's form names it."""
+    from pdlightning.data.sources import ANSWER_FIELDS, PROMPT_FIELDS
+
+    if value is not None and value is row.get("tagged"):
+        return f"field 'tagged' is {type(value).__name__}, not a string"
+    if row.get("conversations") is not None:
+        turn = "human" if kind == "prompt" else "gpt"
+        return (f"'conversations' has no {turn!r} turn" if value is None
+                else f"the {turn!r} turn's value is {type(value).__name__}, not a string")
+    names = PROMPT_FIELDS if kind == "prompt" else ANSWER_FIELDS
+    present = [n for n in names if n in row]
+    if present:
+        return f"field {present[0]!r} is {type(value).__name__}, not a string"
+    if kind == "answer":  # named as most rows name it
+        names = ("response", *(n for n in names if n != "response"))
+    return f"missing field {names[0]!r} (or {' or '.join(map(repr, names[1:]))})"
 
 
 def annotate_file(
     input: str | Path, output: str | Path, annotator: Annotator, resume: bool = True,
     progress: bool = True,
 ) -> Summary:
-    """Tag a JSONL file of ``prompt`` + ``response`` (or ``completion``) rows.
+    """Tag a JSONL file of rows in any form training reads (``prompt`` + ``response`` or
+    ``completion``, SlimOrca ``conversations``, ...; see :func:`_parse_row`).
 
     Writes every kept row with its original fields plus ``tagged`` (canonical
     text) to ``output + ".partial"`` as it goes, discarded rows (with ``line``,
-    ``reason``, ``detail``) to ``output + ".rejected.jsonl.partial"``, and
-    renames both at the end, so ``output`` only ever exists complete. Rows are
-    written in input order; a re-run resumes after the rows already written.
+    ``reason``, ``detail`` and the ``row``, or the ``raw`` line of a bad row) to
+    ``output + ".rejected.jsonl.partial"``, and renames both at the end, so
+    ``output`` only ever exists complete. Rows are written in input order; a
+    re-run resumes after the rows already written, or at the first row whose
+    request failed (:data:`RETRY_REASONS`), redoing every row from it on.
 
     Args:
         input: Input JSONL path.
@@ -440,9 +523,9 @@ def annotate_file(
 
     Raises:
         FileNotFoundError: The input does not exist.
-        ValueError: A partial output does not match the input (it changed since), an
-            existing output is not a finished run on this input or its first rows (it
-            is left as it was),
+        ValueError: A partial output does not match the input (it changed since, a
+            rejected row included), an existing output is not a finished run on this
+            input or its first rows (it is left as it was),
             the output is a directory, or the output (or one of its side files) is the input.
     """
     from tqdm import tqdm
@@ -487,17 +570,23 @@ def annotate_file(
     n_kept = _scan_partial(partial)
     _scan_partial(rejected_partial)
     rejected_before = list(_jsonl(rejected_partial))
-    done = summary.resumed = n_kept + len(rejected_before)
-    summary.kept = n_kept
+    done, n_kept, rejected_before, summary.retried = _resume_point(src, n_kept, rejected_before)
+    summary.resumed, summary.kept = done, n_kept
     summary.discarded.update(r.get("reason", "unknown") for r in rejected_before if isinstance(r, dict))
 
     # the rows written before must be the first rows of the input, in order
     with closing(_jsonl(partial)) as kept_rows:
         problem = ("it has more rows than the input" if done > summary.rows
-                   else _mismatch(src, kept_rows, rejected_before, done))
+                   else "a failed row is out of place" if n_kept < 0
+                   else _mismatch(src, itertools.islice(kept_rows, n_kept), rejected_before, done))
     if problem:
         raise ValueError(f"{partial} does not match {src} ({problem}): the input changed since the "
                          f"interrupted run; delete {partial} or pass --no-resume")
+    if summary.retried:
+        # kept rows first: killed in between, the rejected file still names the same first
+        # failed row, so the next run cuts at the same place
+        _keep_first_rows(partial, n_kept)
+        _keep_first_rows(rejected_partial, len(rejected_before))
     lines = itertools.islice(_nonblank(src), done, None)
 
     queue: deque[tuple[int, dict[str, Any] | None, str, str]] = deque()
@@ -557,9 +646,10 @@ def annotate_file(
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pdlightning annotate",
-        description="Tag plain (prompt, response) JSONL rows with plan entries, spans and syncs.",
+        description="Tag plain JSONL responses with plan entries, spans and syncs.",
     )
-    p.add_argument("--input", required=True, help="JSONL with 'prompt' and 'response' (or 'completion')")
+    p.add_argument("--input", required=True, help="JSONL with 'prompt' and 'response' (or 'completion'), "
+                   "or SlimOrca 'conversations' (any form training reads)")
     p.add_argument("--output", required=True, help="JSONL to write (original fields plus 'tagged')")
     p.add_argument("--annotator", choices=("heuristic", "llm"), default="heuristic")
     p.add_argument("--tag-preset", choices=sorted(PRESETS), default="paper")

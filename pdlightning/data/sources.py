@@ -85,29 +85,59 @@ def _answer_field(text: Any) -> str:
     return "tagged" if tagged else "response"
 
 
-def _normalise_row(row: dict[str, Any]) -> dict[str, Any]:
+#: fields a flat row's prompt and answer are read from, the first one set wins (authors', Alpaca forms)
+PROMPT_FIELDS = ("prompt", "instruction")
+ANSWER_FIELDS = ("completion", "response", "output")
+
+
+def _first(row: dict[str, Any], names: tuple[str, ...]) -> Any:
+    """The first of ``names`` that ``row`` sets. A null counts as unset: ``datasets`` gives every
+    row of a file every column, so a file mixing ``completion`` and ``response`` rows has nulls."""
+    return next((row[name] for name in names if row.get(name) is not None), None)
+
+
+def _conversation(turns: Any) -> tuple[Any, Any, Any]:
+    """``(prompt, system, answer)`` of SlimOrca turns: the first human and gpt values, the last system one.
+
+    The system turn stays out of the prompt (the chat template puts it in its own
+    place). Anything but a list of dicts has no turns, so a malformed row is
+    dropped downstream as ``bad_row`` instead of stopping the whole load.
+    """
+    prompt = system = answer = None
+    for turn in turns if isinstance(turns, list) else []:
+        if not isinstance(turn, dict):
+            continue
+        who, value = turn.get("from"), turn.get("value")
+        if who == "system":
+            system = value
+        elif who == "human" and prompt is None:
+            prompt = value
+        elif who == "gpt" and answer is None:
+            answer = value
+    return prompt, system, answer
+
+
+def normalise_row(row: dict[str, Any]) -> dict[str, Any]:
     """Map the accepted input forms to ``prompt`` / ``response`` / ``tagged`` / ``system`` (and the
-    bundled set's ``answer_keys`` and ``family``)."""
+    bundled set's ``answer_keys`` and ``family``).
+
+    The one reader of row forms: ``pdlightning annotate`` uses it too, so it
+    accepts exactly the rows training reads. A row's own ``tagged`` field (an
+    annotate output, in any form) wins over the answer's; a plain answer stays
+    the ``response`` beside it.
+    """
     out: dict[str, Any] = {
         "prompt": None, "response": None, "tagged": None, "system": None, "answer_keys": None, "family": None
     }
     if row.get("conversations") is not None:  # SlimOrca
-        for turn in row["conversations"]:
-            who, value = turn.get("from"), turn.get("value")
-            if who == "system":
-                out["system"] = value
-            elif who == "human" and out["prompt"] is None:
-                out["prompt"] = value
-            elif who == "gpt" and out["response"] is None and out["tagged"] is None:
-                out[_answer_field(value)] = value
+        out["prompt"], out["system"], answer = _conversation(row["conversations"])
     else:
-        out["prompt"] = row.get("prompt", row.get("instruction"))
+        out["prompt"] = _first(row, PROMPT_FIELDS)
         out["system"] = row.get("system")
-        completion = row.get("completion", row.get("response", row.get("output")))
-        if row.get("tagged") is not None:
-            out["tagged"], out["response"] = row["tagged"], row.get("response")
-        else:
-            out[_answer_field(completion)] = completion
+        answer = _first(row, ANSWER_FIELDS)
+    out[_answer_field(answer)] = answer
+    if row.get("tagged") is not None:
+        out["tagged"] = row["tagged"]
     if row.get("answer_keys") is not None:
         out["answer_keys"] = list(row["answer_keys"])
     out["family"] = row.get("family")  # the bundled set's task family (None elsewhere)
@@ -154,7 +184,7 @@ def load_rows(
     keep = ["prompt", "response", "tagged", "system", "answer_keys", "family"]
     return datasets.DatasetDict(
         {
-            name: ds.map(_normalise_row, remove_columns=[c for c in ds.column_names if c not in keep])
+            name: ds.map(normalise_row, remove_columns=[c for c in ds.column_names if c not in keep])
             for name, ds in raw.items()
         }
     )
