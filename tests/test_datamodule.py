@@ -207,6 +207,10 @@ def test_a_file_mixing_answer_fields_reads_each_row_by_the_field_it_sets(tmp_pat
     loaded = load_rows(str(path), tmp_path / "c", validation_fraction=0.2)
     got = {r["prompt"]: r["response"] for split in ("train", "validation") for r in loaded[split]}
     assert got == {f"Q{i}": f"A{i}" for i in range(10)}
+    # a folder is its data files, not the side file of rejected rows annotate leaves beside them
+    (tmp_path / "mixed.jsonl.rejected.jsonl").write_text(json.dumps({"line": 3, "reason": "bad_row"}) + "\n")
+    loaded = load_rows(str(tmp_path), tmp_path / "c2", validation_fraction=0.2)
+    assert sum(len(loaded[split]) for split in ("train", "validation")) == 10
 
 
 @pytest.mark.parametrize("mode", ["planned", "autoregressive"])

@@ -170,7 +170,8 @@ def load_rows(
         path = Path(source)
         if path.exists():
             files = sorted(path.glob("*")) if path.is_dir() else [path]
-            files = [f for f in files if f.suffix in LOCAL_SUFFIXES]
+            # a folder's data files, not annotate's side files (rejected rows) beside them
+            files = [f for f in files if f.suffix in LOCAL_SUFFIXES and not f.name.endswith(".rejected.jsonl")]
             if not files:
                 raise ValueError(f"{source}: no .json, .jsonl or .parquet file found")
             builder = LOCAL_SUFFIXES[files[0].suffix]
