@@ -145,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--attn_implementation", default="sdpa", choices=["sdpa", "eager", "flex_attention"],
         help="the backbone's attention (flex_attention is for GPUs)",
     )
+    p.add_argument("--trust_remote_code", action="store_true",
+                   help="run the checkpoint's own modelling code (e.g. a Dream fine-tune)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     add_strategy_arguments(p, cls)
     args = p.parse_args(argv)
@@ -163,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         prompts = _read_prompts(args)
         lm = LanguageModel.from_pretrained(
-            args.checkpoint, device=args.device, attn_implementation=args.attn_implementation
+            args.checkpoint, device=args.device, attn_implementation=args.attn_implementation,
+            trust_remote_code=args.trust_remote_code,
         )
     except (OSError, ValueError) as e:  # a missing checkpoint or prompt file; flex on CPU
         raise SystemExit(f"pdlightning generate: {e}") from None

@@ -148,6 +148,12 @@ def test_generate_command_refuses_a_bad_knob(trained: Path):
     out = cli("generate", "--checkpoint", str(trained / "hf"), "--prompt", "hi", "--attn_implementation",
               "flex_attention")
     assert out.returncode != 0 and "Traceback" not in out.stderr and "'sdpa' on CPU" in out.stderr
+    # a device this machine lacks, or a checkpoint file instead of the exported directory: one line each
+    ckpt = next(trained.rglob("last.ckpt"))
+    for args, said in ((("--checkpoint", str(trained / "hf"), "--device", "gpu"), "'gpu' is not a torch device"),
+                       (("--checkpoint", str(ckpt)), "is a file, not a model directory")):
+        out = cli("generate", *args, "--prompt", "hi")
+        assert out.returncode != 0 and "Traceback" not in out.stderr and said in out.stderr, out.stderr[-2000:]
 
 
 @pytest.mark.slow

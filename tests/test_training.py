@@ -100,6 +100,8 @@ def test_a_tokenizer_path_is_loaded_as_saved_and_checked(tmp_path: Path):
     for path, said in ((tmp_path / "weights_only", "has no tokenizer files"), (tmp_path / "nowhere", "is not a directory")):
         with pytest.raises(SystemExit, match=f"^pdlightning: error: data.tokenizer_path: .*{said}"):
             build_cli([*args, f"--data.tokenizer_path={path}"], run=False)
+    with pytest.raises(SystemExit, match=r"^pdlightning: error: '.*tiny-pretraind' is not a model directory"):
+        build_cli([*args, f"--model.backbone.pretrained={tmp_path / 'tiny-pretraind'}"], run=False)
     # a misspelt data file is named before any model is built
     with pytest.raises(SystemExit, match=r"^pdlightning: error: data.source: '.*slimorca.jsnl' does not exist"):
         build_cli([*args, f"--data.source={tmp_path / 'slimorca.jsnl'}", f"--data.tokenizer_path={model_dir}"],

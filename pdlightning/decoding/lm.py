@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 from transformers import (
-    AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -20,7 +19,7 @@ from transformers import (
 )
 
 from pdlightning.masks import check_attention, for_attention
-from pdlightning.model.backbone import LogitsConvention
+from pdlightning.model.backbone import LogitsConvention, load_pretrained, model_class
 from pdlightning.tags import TagSpec
 from pdlightning.tokenizer import load_spec, save_spec
 
@@ -78,6 +77,24 @@ def load_tokenizer(directory: str | Path, trust_remote_code: bool = False) -> Pr
         raise ValueError(f"the tokenizer in {str(path)!r} encodes text to no tokens: its vocabulary is "
                          f"missing or empty (expected one of {', '.join(TOKENIZER_FILES)})")
     return tokenizer
+
+
+def check_device(device: str | torch.device) -> None:
+    """Refuse a device this torch cannot use, in one line, before anything loads.
+
+    Raises:
+        ValueError: Not a device name (``cpu``, ``cuda``, ``cuda:1``, ``mps``), or an
+            accelerator this build or machine does not have.
+    """
+    try:
+        d = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device {str(device)!r} is not a torch device ({str(e).splitlines()[0]})") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(d.type, True):
+        raise ValueError(f"device {str(device)!r}: this torch has no {d.type} device here; use cpu")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) here")
 
 
 class LanguageModel:
@@ -205,12 +222,20 @@ class LanguageModel:
             FileNotFoundError: No such directory, no ``config.json``, or no tokenizer
                 files in it (see :func:`load_tokenizer`), before the weights load.
             ValueError: A corrupt ``tokenizer_config.json`` or ``tag_spec.json`` (named),
-                or a tokenizer that encodes text to nothing.
+                a tokenizer that encodes text to nothing, or a checkpoint with its own
+                modelling code and ``trust_remote_code`` off (before the tokenizer's own
+                code can fail less clearly; see :func:`pdlightning.model.backbone.model_class`).
         """
         from pdlightning.tokenizer import add_control_tokens
 
+        check_device(device)
         check_attention(attn_implementation, device)
         directory = Path(directory)
+        if directory.is_file():
+            raise FileNotFoundError(
+                f"{str(directory)!r} is a file, not a model directory: decoders load the HF directory that fit "
+                "writes to <log dir>/hf, or that `pdlightning export --ckpt_path CKPT --output DIR` writes"
+            )
         if not directory.is_dir():
             raise FileNotFoundError(f"checkpoint directory {str(directory)!r} does not exist")
         if not (directory / "config.json").is_file():
@@ -223,18 +248,14 @@ class LanguageModel:
                 f"{str(directory)!r} is not a model directory (no config.json){hint}. Training writes "
                 "one to <log dir>/hf, and `pdlightning export` writes one from a checkpoint"
             )
+        # custom code without trust_remote_code: refused in one line, before a custom tokenizer's code fails
+        model_class(directory, trust_remote_code)
         tokenizer = load_tokenizer(directory, trust_remote_code=trust_remote_code)
         try:
             spec = load_spec(directory)
         except FileNotFoundError:
             spec = add_control_tokens(tokenizer, TagSpec())
-        backbone = AutoModelForCausalLM.from_pretrained(
-            directory,
-            use_safetensors=True,
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-            attn_implementation=attn_implementation,
-        )
+        backbone = load_pretrained(directory, attn_implementation, dtype, trust_remote_code)
         if backbone.get_input_embeddings().num_embeddings < len(tokenizer):
             backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         meta_path = directory / META_FILE

@@ -66,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--limit", type=int, help="first N prompts only (keeps alpaca_eval's order)")
     p.add_argument("--generator", help="generator name written in the outputs (default: the decoder)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--trust_remote_code", action="store_true",
+                   help="run the checkpoint's own modelling code (e.g. a Dream fine-tune)")
     p.add_argument("--seed", type=int, default=0)
     add_strategy_arguments(p, cls)
     a = p.parse_args(argv)
@@ -87,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ImportError, OSError, ValueError) as e:
         raise _fail(e) from None
     try:
-        lm = LanguageModel.from_pretrained(a.checkpoint, device=a.device)
+        lm = LanguageModel.from_pretrained(a.checkpoint, device=a.device, trust_remote_code=a.trust_remote_code)
     except (OSError, ValueError) as e:
         raise _fail(e) from None
 
