@@ -156,6 +156,20 @@ def _without_run_arguments(path: str) -> str:
     return yaml.safe_dump({k: v for k, v in content.items() if k not in ("ckpt_path", "weights_only")})
 
 
+def _sharded_weights(directory: Path) -> dict:
+    """The model weights of a sharded FSDP checkpoint, gathered whole on the CPU.
+
+    FSDP with ``state_dict_type: sharded`` (configs/dream7b.yaml) saves each
+    checkpoint as a ``torch.distributed.checkpoint`` directory plus ``meta.pt``.
+    This is what Lightning's own ``python -m
+    lightning.pytorch.utilities.consolidate_checkpoint`` reads, in one process,
+    no GPU needed; the whole model must fit in CPU memory.
+    """
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+    return _load_distributed_checkpoint(directory)["model"]
+
+
 def export_main(argv: list[str]) -> int:
     """``pdlightning export --config CFG --ckpt_path CKPT --output DIR``."""
     import argparse
@@ -166,16 +180,21 @@ def export_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="pdlightning export", description=OTHER_SUBCOMMANDS["export"][2])
     p.add_argument("--config", required=True, action="append",
                    help="the YAML(s) the model was trained with, or the config.yaml fit saved in its log dir")
-    p.add_argument("--ckpt_path", required=True, help="a Lightning checkpoint (.ckpt)")
+    p.add_argument("--ckpt_path", required=True,
+                   help="a Lightning checkpoint (.ckpt), or the directory FSDP's sharded state_dict_type writes")
     p.add_argument("--output", required=True, help="directory to write")
     p.epilog = ("Any other option (--model.X=V, --data.X=V) is passed on, as the training run had it "
                 "on its command line; the config.yaml fit saved already holds them.")
     a, overrides = p.parse_known_args(argv)
-    if not Path(a.ckpt_path).is_file():
+    ckpt = Path(a.ckpt_path)
+    if not ckpt.exists():
         p.error(f"{a.ckpt_path}: checkpoint not found (fit saves them under <log dir>/checkpoints/)")
+    if ckpt.is_dir() and not (ckpt / "meta.pt").is_file():
+        p.error(f"{a.ckpt_path}: a directory, but not a sharded FSDP checkpoint (no meta.pt in it)")
     try:  # read first: a damaged file is named before a model is built
-        state = torch.load(a.ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
-    except (RuntimeError, OSError, KeyError, TypeError, pickle.UnpicklingError) as e:
+        state = (_sharded_weights(ckpt) if ckpt.is_dir()
+                 else torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])
+    except (RuntimeError, OSError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         p.error(f"{a.ckpt_path}: not a readable Lightning checkpoint ({reason})")
     args = [x for c in a.config for x in ("--config", _without_run_arguments(c))]

@@ -161,6 +161,39 @@ def test_smoke_config_lowers_the_loss_and_exports(tmp_path: Path):
     assert "ckpt_path" in saved.read_text()
     assert main(["export", "--config", str(saved), "--ckpt_path", str(last), "--output", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again/model.safetensors").read_bytes() == (hf / "model.safetensors").read_bytes()
+    # and from the directory FSDP's sharded state_dict_type writes (made here as Lightning's FSDPStrategy
+    # makes it: torch.distributed.checkpoint of {"model": ...}, the rest in meta.pt; FSDP needs a GPU)
+    from torch.distributed.checkpoint import save
+
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    sharded = tmp_path / "sharded/last.ckpt"
+    sharded.mkdir(parents=True)
+    save({"model": checkpoint.pop("state_dict"), "optimizer_0": checkpoint.pop("optimizer_states")[0]},
+         checkpoint_id=sharded)
+    torch.save(checkpoint, sharded / "meta.pt")
+    assert main(["export", "--config", str(saved), "--ckpt_path", str(sharded), "--output", str(tmp_path / "fsdp")]) == 0
+    assert (tmp_path / "fsdp/model.safetensors").read_bytes() == (hf / "model.safetensors").read_bytes()
+
+
+def test_export_hf_under_fsdp_names_the_export_command_instead_of_hanging(tmp_path: Path, capsys):
+    """Under FSDP rank 0 holds a shard: saving there alone would hang the other ranks."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from pdlightning.model.callbacks import ExportHF
+
+    class Module:
+        def export(self, directory: str) -> str:
+            raise AssertionError("exported a sharded model")
+
+    callback = ExportHF(dirpath=str(tmp_path / "hf"))
+    trainer = SimpleNamespace(callbacks=[callback], strategy=FSDPStrategy(), is_global_zero=True,
+                              log_dir=str(tmp_path / "version_0"), default_root_dir=str(tmp_path))
+    callback.on_fit_end(trainer, Module())
+    said = capsys.readouterr().out
+    assert f"pdlightning export --config {tmp_path}/version_0/config.yaml" in said
+    assert f"--ckpt_path {tmp_path}/version_0/checkpoints/last.ckpt --output {tmp_path / 'hf'}" in said
 
 
 @pytest.mark.slow

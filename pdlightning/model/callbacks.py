@@ -26,6 +26,9 @@ def _is_last_of_kind(callback: L.Callback, kind: type, trainer: L.Trainer) -> bo
 class ExportHF(L.Callback):
     """Write the trained model as a HF directory when ``fit`` ends (rank 0).
 
+    Under FSDP it prints the ``pdlightning export`` command that writes the
+    directory from the last (sharded) checkpoint instead.
+
     If the trainer has several, only the last one writes: appending one on the
     command line (``--trainer.callbacks+=...ExportHF --trainer.callbacks.dirpath=DIR``)
     redirects a config's export instead of writing the model twice.
@@ -43,9 +46,19 @@ class ExportHF(L.Callback):
         return Path(trainer.log_dir or trainer.default_root_dir) / "hf"
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
         if not _is_last_of_kind(self, ExportHF, trainer):
             return
         target = self.target(trainer)  # on every rank: trainer.log_dir is a broadcast from rank 0
+        if isinstance(trainer.strategy, FSDPStrategy):
+            # the weights are sharded over the processes: rank 0 alone cannot save them (gathering
+            # them there would hang the others); the checkpoint holds them all, and export reads it
+            if trainer.is_global_zero:
+                log_dir = trainer.log_dir or trainer.default_root_dir
+                print(f"ExportHF: FSDP shards the model, so it is exported from its checkpoint: pdlightning export "
+                      f"--config {log_dir}/config.yaml --ckpt_path {log_dir}/checkpoints/last.ckpt --output {target}")
+            return
         if trainer.is_global_zero:
             out = pl_module.export(str(target))
             log.info("exported the trained model to %s", out)
