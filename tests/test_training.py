@@ -106,6 +106,13 @@ def test_a_tokenizer_path_is_loaded_as_saved_and_checked(tmp_path: Path):
     with pytest.raises(SystemExit, match=r"^pdlightning: error: data.source: '.*slimorca.jsnl' does not exist"):
         build_cli([*args, f"--data.source={tmp_path / 'slimorca.jsnl'}", f"--data.tokenizer_path={model_dir}"],
                   run=False)
+    # rows in a shape no reader knows: the error says which fields a row needs
+    odd = tmp_path / "qa.jsonl"
+    odd.write_text("".join(f'{{"question": "Q{i}", "answer": "A{i}"}}\n' for i in range(20)))
+    dm = PlannedDataModule(source=str(odd), tokenizer_path=str(model_dir), cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match=r"all \d+ training rows were discarded \({'bad_row': \d+}\); "
+                                         r"bad_row: a row needs a prompt \('prompt' or 'instruction'\)"):
+        dm.setup()
     # one switch trusts a checkpoint's code, its model's and its tokenizer's
     assert parse_config([*args, "--model.backbone.trust_remote_code=true"]).data.trust_remote_code is True
     assert parse_config(args).data.trust_remote_code is False

@@ -312,8 +312,15 @@ class PlannedDataModule(L.LightningDataModule):
                 log.warning("%s: discarded %d of %d rows: %s", name, sum(reasons.values()), len(done), dict(reasons))
             self.splits[name] = done.filter(lambda e: e is None, input_columns="error")
             if name == "train" and len(done) and not len(self.splits[name]):
+                fixes = []
+                if reasons.get("too_long"):
+                    fixes.append("too_long: raise data.max_length or set data.overflow: cut")
+                if reasons.get("bad_row"):
+                    fixes.append("bad_row: a row needs a prompt ('prompt' or 'instruction') and an answer "
+                                 "('response', 'completion', 'output' or 'tagged'), or SlimOrca 'conversations' "
+                                 "with human and gpt turns")
                 raise DataError(f"data: all {len(done)} training rows were discarded ({dict(reasons)}); "
-                                 "with too_long, raise data.max_length or set data.overflow: cut")
+                                + "; ".join(fixes or ["see the warnings above for the first rows' reasons"]))
 
     # ------------------------------------------------------------------ loaders
 
