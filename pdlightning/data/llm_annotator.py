@@ -272,7 +272,7 @@ class LLMAnnotator(Annotator):
             except AnnotationError as e:
                 raise AnnotationError("request_failed", self._redact(str(e))) from None
         raise AnnotationError(
-            "request_failed", self._redact(f"gave up after {self.max_retries + 1} attempts: {last}")
+            "request_failed", self._redact(f"gave up after {self.max_retries + 1} attempt{'s' if self.max_retries else ''}: {last}")
         )
 
     # ------------------------------------------------------------------ cache
