@@ -49,6 +49,8 @@ class PDLightningCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
+            if self.subcommand == "predict":  # the decoder's knobs, before any data is prepared
+                self.model.predict_config.strategy(self.datamodule)
         except ValueError as e:  # e.g. data.batch_size: 0, an unknown tag preset: the config's fault, not a crash
             raise self._config_error(e) from None
 
@@ -80,7 +82,16 @@ class PDLightningCLI(LightningCLI):
         if cfg is None:
             return
         self._check_attention(cfg)
-        if cfg.get("ckpt_path") != "last":
+        ckpt = cfg.get("ckpt_path")
+        if ckpt is not None and ckpt not in ("last", "best", "hpc") and not str(ckpt).startswith("registry"):
+            path = Path(ckpt)
+            if not path.exists():
+                raise self._config_error(f"--ckpt_path {ckpt}: no such checkpoint (fit saves them under "
+                                         "<log dir>/checkpoints/; --ckpt_path last finds the newest)")
+            if path.is_dir() and not (path / "meta.pt").is_file():  # a sharded FSDP checkpoint is a directory
+                raise self._config_error(f"--ckpt_path {ckpt} is a directory: name a .ckpt file in it, "
+                                         "or --ckpt_path last")
+        if ckpt != "last":
             return
         root = Path(cfg.trainer.default_root_dir or ".")
         found = sorted(root.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)

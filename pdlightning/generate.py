@@ -57,24 +57,48 @@ def strategy_class(name: str, prog: str = "pdlightning generate") -> type:
         raise SystemExit(f"{prog}: {e}") from None
 
 
+def _hints(init: Any) -> dict[str, Any]:
+    """Type hints of one ``__init__`` (empty when they cannot be resolved)."""
+    try:
+        return typing.get_type_hints(init)
+    except Exception:  # an unresolvable forward reference in a user's class: fall back to the defaults
+        return {}
+
+
+def _choices(annotation: Any) -> list[Any] | None:
+    """The values of a ``Literal`` (also inside ``Optional``), else None."""
+    for a in (annotation, *typing.get_args(annotation)):
+        if typing.get_origin(a) is typing.Literal:
+            return list(typing.get_args(a))
+    return None
+
+
 def add_strategy_arguments(parser: argparse.ArgumentParser, cls: type) -> list[str]:
-    """Add one option per constructor argument of ``cls``; return their names."""
-    hints = typing.get_type_hints(cls.__init__)
+    """Add one option per constructor argument of ``cls`` and of the classes it derives
+    from (a subclass passing ``**kwargs`` on keeps every inherited knob); return their names.
+
+    Each option's type is its annotation in the class that declares it, else the
+    type of its default (a ``bool`` default parses ``false`` as False), else text.
+    """
     names: list[str] = []
     seen: set[str] = set()
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
-        if init is None:
+        if init is None or not inspect.isfunction(init):
             continue
+        hints = _hints(init)
         for p in list(inspect.signature(init).parameters.values())[1:]:
             if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.name in seen:
                 continue
             seen.add(p.name)
             flags = [f"--{p.name}"] + [f"--{a}" for a, target in ALIASES.items() if target == p.name]
             default = None if p.default is inspect.Parameter.empty else p.default
+            annotation = hints.get(p.name, str if default is None else type(default))
+            choices = _choices(annotation)
             parser.add_argument(
-                *flags, dest=f"strategy__{p.name}", type=_converter(hints.get(p.name, str)),
-                default=argparse.SUPPRESS, help=f"{cls.__name__} argument (default {default!r})",
+                *flags, dest=f"strategy__{p.name}", type=_converter(annotation), choices=choices,
+                default=argparse.SUPPRESS,
+                help=f"{klass.__name__} argument (default {default!r})",
             )
             names.append(p.name)
     return names
@@ -154,7 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"--output {args.output} is the --input file: the results would overwrite the prompts")
     if args.output and Path(args.output).is_dir():
         p.error(f"--output {args.output} is a directory; name a file")
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     from pdlightning.decoding import LanguageModel, get_strategy
 
@@ -210,7 +236,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 out.write(json.dumps(g.to_dict()) + "\n")
                 out.flush()
 
-    strategy.generate(lm, prompts, torch.Generator().manual_seed(args.seed), on_batch=on_batch)
+    from pdlightning.decoding.base import PromptError
+
+    try:
+        strategy.generate(lm, prompts, torch.Generator().manual_seed(args.seed), on_batch=on_batch)
+    except PromptError as e:  # checked before the first pass: nothing was decoded
+        if out is not None:
+            out.close()
+            partial.unlink()
+        raise SystemExit(f"pdlightning generate: {e}") from None
     if out is not None:
         out.close()
         partial.replace(target)

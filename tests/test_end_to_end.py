@@ -150,10 +150,35 @@ def test_generate_command_refuses_a_bad_knob(trained: Path):
     assert out.returncode != 0 and "Traceback" not in out.stderr and "'sdpa' on CPU" in out.stderr
     # a device this machine lacks, or a checkpoint file instead of the exported directory: one line each
     ckpt = next(trained.rglob("last.ckpt"))
-    for args, said in ((("--checkpoint", str(trained / "hf"), "--device", "gpu"), "'gpu' is not a torch device"),
-                       (("--checkpoint", str(ckpt)), "is a file, not a model directory")):
+    hf = str(trained / "hf")
+    for args, said in ((("--checkpoint", hf, "--device", "gpu"), "'gpu' is not a torch device"),
+                       (("--checkpoint", str(ckpt)), "is a file, not a model directory"),
+                       (("--checkpoint", hf, "--threads", "-1"), "--threads must be at least 1"),
+                       # the prompt checks a strategy makes before its first pass
+                       (("--checkpoint", hf, "--prompt", " "), "prompt 0 is blank"),
+                       (("--checkpoint", hf, "--max_new_tokens", "5000"), "(max_position_embeddings)")):
         out = cli("generate", *args, "--prompt", "hi")
         assert out.returncode != 0 and "Traceback" not in out.stderr and said in out.stderr, out.stderr[-2000:]
+
+
+def test_a_subclass_passing_kwargs_on_keeps_every_inherited_knob_typed():
+    import argparse
+
+    from pdlightning.decoding import PlannedDiffusion
+    from pdlightning.generate import add_strategy_arguments, strategy_kwargs
+
+    class ShortPlans(PlannedDiffusion):  # the natural subclass: its own knob, unannotated, the rest passed on
+        def __init__(self, keep=2, **kwargs):
+            super().__init__(max_spans=keep, **kwargs)
+
+    p = argparse.ArgumentParser()
+    add_strategy_arguments(p, ShortPlans)
+    got = strategy_kwargs(p.parse_args(["--keep", "1", "--r", "0.5", "--topic_heads", "false", "--order", "random"]))
+    assert got == {"keep": 1, "step_ratio": 0.5, "topic_heads": False, "order": "random"}
+    assert type(got["step_ratio"]) is float
+    with pytest.raises(SystemExit):  # a Literal's values are the choices
+        p.parse_args(["--order", "sideways"])
+    ShortPlans(**got)  # and the strategy takes them
 
 
 @pytest.mark.slow

@@ -74,6 +74,15 @@ def test_a_value_a_class_refuses_is_one_line_and_no_second_optimizer_exists(tmp_
                        ("flash_attention_2", "'flash_attention_2' cannot take the hybrid attention mask")):
         with pytest.raises(SystemExit, match=f"^pdlightning fit: error: --model.backbone.attn_implementation {said}"):
             build_cli(["fit", *args, f"--model.backbone.attn_implementation={attn}"])  # exits before building
+    # a checkpoint path that is not there, or a directory, is named before anything is built
+    (tmp_path / "checkpoints").mkdir()
+    for sub, ckpt, said in (("validate", tmp_path / "checkpoints", "is a directory: name a .ckpt file in it"),
+                            ("test", tmp_path / "nope.ckpt", "no such checkpoint")):
+        with pytest.raises(SystemExit, match=f"^pdlightning {sub}: error: --ckpt_path .* {said}"):
+            build_cli([sub, *args, f"--ckpt_path={ckpt}"])
+    # predict's knobs are checked against the decoder it would use, named or not
+    with pytest.raises(SystemExit, match=r"^pdlightning predict: error: model.predict: .*keyword argument 'r'"):
+        build_cli(["predict", *args, "--model.predict.args={r: 0.5}"])
     # the module's optimiser and per-stage schedule are the only ones: no top-level --optimizer replaces them
     with pytest.raises(SystemExit):
         parse_config([*args, "--optimizer=torch.optim.SGD"])

@@ -100,6 +100,11 @@ class Generation:
 _REGISTRY: dict[str, type[DecodingStrategy]] = {}
 
 
+class PromptError(ValueError):
+    """A prompt this strategy refuses before decoding starts (blank, empty, too long for
+    the model's positions): the caller's input, reported by the CLIs as one line."""
+
+
 def register(name: str) -> Callable[[type[DecodingStrategy]], type[DecodingStrategy]]:
     """Class decorator giving a strategy a short name (``get_strategy(name)``)."""
 
@@ -209,7 +214,8 @@ class DecodingStrategy(ABC):
         as the first token is predicted from the prompt's last position)."""
         for i, p in enumerate(prompts):
             if len(p) == 0:
-                raise ValueError(f"{self.name} decoding needs a non-empty prompt (prompt {i} is empty)")
+                who = self.name if self.name != "base" else type(self).__name__  # a user's unregistered class
+                raise PromptError(f"{who} decoding needs a non-empty prompt (prompt {i} is empty)")
 
     def _check_positions(self, lm: LanguageModel, prompts: list[list[int]]) -> None:
         """Refuse a prompt whose answer could run past the positions the backbone was built for."""
@@ -218,7 +224,7 @@ class DecodingStrategy(ABC):
             return
         for i, p in enumerate(prompts):
             if len(p) + self.max_new_tokens > limit:
-                raise ValueError(
+                raise PromptError(
                     f"prompt {i} has {len(p)} tokens and max_new_tokens is {self.max_new_tokens}: together "
                     f"more than the model's {limit} positions (max_position_embeddings); shorten the "
                     f"prompt or lower max_new_tokens to {max(limit - len(p), 0)}"
@@ -246,7 +252,7 @@ class DecodingStrategy(ABC):
             generator = torch.Generator(device="cpu").manual_seed(0)
         for i, p in enumerate(prompts):  # the chat template would make a blank text a non-empty prompt
             if isinstance(p, str) and not p.strip():
-                raise ValueError(f"prompt {i} is blank: there is nothing to answer")
+                raise PromptError(f"prompt {i} is blank: there is nothing to answer")
         texts = [p if isinstance(p, str) else lm.tokenizer.decode(list(p)) for p in prompts]
         ids = [format_prompt(lm.tokenizer, p) if isinstance(p, str) else list(p) for p in prompts]
         self.check_prompts(lm, ids)

@@ -110,6 +110,24 @@ class PredictConfig:
             except (TypeError, ValueError) as e:
                 raise ValueError(f"model.predict: {e}") from None
 
+    def strategy(self, datamodule: Any = None) -> Any:
+        """The strategy: ``decoder``, or the one of the data's last stage, with ``args``.
+
+        Raises:
+            ValueError: The strategy refuses ``args`` (a misspelt or out-of-range knob).
+        """
+        from pdlightning.decoding import get_strategy
+
+        name = self.decoder
+        if name is None:  # each objective's decoder shares its name
+            name = datamodule.stages[-1].mode if datamodule is not None else "planned"
+            if name == "planned" and getattr(datamodule, "dense", False):
+                name = "dense_planned"
+        try:
+            return get_strategy(name, **(self.args or {}))
+        except TypeError as e:
+            raise ValueError(f"model.predict: {e}") from None
+
 
 def _adamw(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0)
@@ -306,15 +324,8 @@ class PlannedDiffusionModule(L.LightningModule):
 
     def predict_strategy(self) -> Any:
         """The decoding strategy ``predict`` uses (:class:`PredictConfig`)."""
-        from pdlightning.decoding import get_strategy
-
-        name = self.predict_config.decoder
-        if name is None:  # each objective's decoder shares its name
-            dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-            name = dm.stages[-1].mode if dm is not None else "planned"
-            if name == "planned" and getattr(dm, "dense", False):
-                name = "dense_planned"
-        return get_strategy(name, **(self.predict_config.args or {}))
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        return self.predict_config.strategy(dm)
 
     def on_predict_start(self) -> None:
         self._predict_strategy = self.predict_strategy()  # a bad decoder or knob fails before any batch
