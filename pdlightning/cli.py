@@ -11,6 +11,7 @@ import importlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -28,11 +29,16 @@ OTHER_SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+def _backbone_field(backbone: object, name: str) -> Any:
+    """A field of the parsed ``model.backbone`` (None when unset)."""
+    args = getattr(backbone, "init_args", backbone)  # jsonargparse gives the dataclass as class_path + init_args
+    return getattr(args, name, None)
+
+
 def _trusts_remote_code(backbone: object) -> bool:
     """``data.trust_remote_code`` from ``model.backbone.trust_remote_code``: one switch for
     the checkpoint's code, its model's and its tokenizer's."""
-    args = getattr(backbone, "init_args", backbone)  # jsonargparse gives the dataclass as class_path + init_args
-    return bool(getattr(args, "trust_remote_code", False))
+    return bool(_backbone_field(backbone, "trust_remote_code"))
 
 
 class PDLightningCLI(LightningCLI):
@@ -83,6 +89,10 @@ class PDLightningCLI(LightningCLI):
             return
         self._check_attention(cfg)
         ckpt = cfg.get("ckpt_path")
+        if (self.subcommand in ("validate", "test", "predict") and ckpt is None
+                and not _backbone_field(cfg.get("model.backbone"), "pretrained")):
+            print(f"pdlightning {self.subcommand}: no --ckpt_path, so the model is freshly initialised (untrained); "
+                  "pass --ckpt_path last, or a .ckpt", file=sys.stderr)
         if ckpt is not None and ckpt not in ("last", "best", "hpc") and not str(ckpt).startswith("registry"):
             path = Path(ckpt)
             if not path.exists():

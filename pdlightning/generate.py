@@ -109,21 +109,30 @@ def strategy_kwargs(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts of ``--prompt`` or of the ``--input`` file (ValueError/OSError naming the file)."""
     if args.prompt:
         return list(args.prompt)
     prompts: list[str] = []
-    with open(args.input) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{args.input}:{n}: not JSON ({e})") from None
-            text = row.get("prompt", row.get("instruction")) if isinstance(row, dict) else None
-            if not isinstance(text, str):
-                raise SystemExit(f"{args.input}:{n}: needs a 'prompt' (or 'instruction') string")
-            prompts.append(text)
+    try:
+        with open(args.input, encoding="utf-8") as f:
+            lines = list(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--input {args.input}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--input {args.input}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{args.input}:{n}: not JSON ({e})") from None
+        text = row.get("prompt", row.get("instruction")) if isinstance(row, dict) else None
+        if not isinstance(text, str):
+            raise ValueError(f"{args.input}:{n}: needs a 'prompt' (or 'instruction') string")
+        prompts.append(text)
+    if not prompts:
+        raise ValueError(f"--input {args.input}: no prompts in it (one JSON object with a 'prompt' per line)")
     return prompts
 
 
@@ -146,6 +155,14 @@ def show(generation: Any, colour: bool, spans: bool = True) -> str:
         f"{c.content_tokens} content tokens, {c.seconds:.2f} s)"
     )
     return "\n".join(lines)
+
+
+def _why_empty(g: Any) -> str:
+    """Why a generation without repairs has no answer text."""
+    n = len(g.token_ids)
+    if n <= 1:
+        return "the model ended at once"
+    return f"{n} tokens generated, none of them answer text (tags, plan entries or pads only)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -228,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.show_plan:
                 print(show(g, colour, spans=not streamed))
             else:  # an empty answer says why (e.g. a planned decoder on a model that never learnt to plan)
-                print(g.text or f"(no answer; {', '.join(g.repairs) or 'the model ended at once'})")
+                print(g.text or f"(no answer; {', '.join(g.repairs) or _why_empty(g)})")
             print()
             streamed.clear()
             shown += 1

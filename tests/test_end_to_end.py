@@ -159,6 +159,16 @@ def test_generate_command_refuses_a_bad_knob(trained: Path):
                        (("--checkpoint", hf, "--max_new_tokens", "5000"), "(max_position_embeddings)")):
         out = cli("generate", *args, "--prompt", "hi")
         assert out.returncode != 0 and "Traceback" not in out.stderr and said in out.stderr, out.stderr[-2000:]
+    # prompt files: empty, not JSON, not UTF-8, missing; each named with the file
+    files = {"empty.jsonl": (b"\n", "no prompts in it"), "bad.jsonl": (b'{"prompt": "a"}\n{oops\n', "bad.jsonl:2: not JSON"),
+             "latin.jsonl": (b'{"prompt": "caf\xe9"}\n', "not UTF-8 text"), "missing.jsonl": (None, "no such file")}
+    for name, (content, said) in files.items():
+        path = trained / name
+        if content is not None:
+            path.write_bytes(content)
+        out = cli("generate", "--checkpoint", hf, "--input", str(path))
+        assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+        assert out.stderr.startswith("pdlightning generate: ") and said in out.stderr, out.stderr
 
 
 def test_a_subclass_passing_kwargs_on_keeps_every_inherited_knob_typed():

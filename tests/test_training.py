@@ -61,7 +61,7 @@ def test_a_bad_config_value_is_refused_with_its_name(tmp_path: Path):
         parse_config(["--config", str(ROOT / "configs/smoke.yaml"), "--data.max_pads=lots"])
 
 
-def test_a_value_a_class_refuses_is_one_line_and_no_second_optimizer_exists(tmp_path: Path):
+def test_a_value_a_class_refuses_is_one_line_and_no_second_optimizer_exists(tmp_path: Path, capsys):
     from pdlightning.cli import build_cli, parse_config
 
     args = smoke_args(tmp_path)[1:]
@@ -80,9 +80,11 @@ def test_a_value_a_class_refuses_is_one_line_and_no_second_optimizer_exists(tmp_
                             ("test", tmp_path / "nope.ckpt", "no such checkpoint")):
         with pytest.raises(SystemExit, match=f"^pdlightning {sub}: error: --ckpt_path .* {said}"):
             build_cli([sub, *args, f"--ckpt_path={ckpt}"])
-    # predict's knobs are checked against the decoder it would use, named or not
+    # predict's knobs are checked against the decoder it would use, named or not (and with no
+    # checkpoint, the command says the model is untrained)
     with pytest.raises(SystemExit, match=r"^pdlightning predict: error: model.predict: .*keyword argument 'r'"):
         build_cli(["predict", *args, "--model.predict.args={r: 0.5}"])
+    assert "no --ckpt_path, so the model is freshly initialised (untrained)" in capsys.readouterr().err
     # the module's optimiser and per-stage schedule are the only ones: no top-level --optimizer replaces them
     with pytest.raises(SystemExit):
         parse_config([*args, "--optimizer=torch.optim.SGD"])
