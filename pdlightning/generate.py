@@ -178,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     src.add_argument("--input", help="JSONL file with a 'prompt' per line")
+    p.add_argument("--system", help="a system prompt for every prompt (formatted as training formats a row's system)")
     p.add_argument("--output", help="write one JSON result per line here (a file there is replaced when the run ends)")
     p.add_argument("--show-plan", action="store_true", help="show the plan and each span in colour")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (matters when --temperature > 0)")
@@ -256,7 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pdlightning.decoding.base import PromptError
 
     try:
-        strategy.generate(lm, prompts, torch.Generator().manual_seed(args.seed), on_batch=on_batch)
+        strategy.generate(lm, prompts, torch.Generator().manual_seed(args.seed), on_batch=on_batch,
+                          system=args.system)
     except PromptError as e:  # checked before the first pass: nothing was decoded
         if out is not None:
             out.close()

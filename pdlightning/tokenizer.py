@@ -167,13 +167,13 @@ def load_spec(directory: str | Path) -> TagSpec:
         raise ValueError(f"{path}: bad tag spec: {e}") from None
 
 
-def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    """Token ids of a user prompt, through the chat template when there is one."""
+def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, system: str | None = None) -> list[int]:
+    """Token ids of a user prompt (and an optional system prompt), through the chat
+    template when there is one: the one place training and decoding format prompts."""
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-        )
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return list(ids)
-    return tokenizer.encode(prompt + "\n", add_special_tokens=False)
+    return list(tokenizer.encode((system + "\n" if system else "") + prompt + "\n", add_special_tokens=False))

@@ -480,3 +480,19 @@ def test_user_subclass_usable_by_class_path_without_registration(monkeypatch):
         get_strategy("mypackage.strategies.MyStrategy")
     with pytest.raises(ValueError, match="module 'pdlightning.decoding' has no 'Nope'"):
         get_strategy("pdlightning.decoding.Nope")
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_a_system_prompt_is_formatted_as_training_formats_a_rows_system(name: str):
+    from pdlightning.data.preprocess import LayoutOptions, preprocess_row
+
+    strategy = get_strategy(name, max_new_tokens=MAX_NEW, batch_size=3)
+    system = "You answer in short sentences."
+    with_system = strategy.generate(LM, PROMPTS, torch.Generator().manual_seed(0), system=system)
+    as_ids = [format_prompt(LM.tokenizer, p, system) for p in PROMPTS]
+    assert as_ids != [format_prompt(LM.tokenizer, p) for p in PROMPTS]
+    by_ids = strategy.generate(LM, as_ids, torch.Generator().manual_seed(0))
+    assert [g.token_ids for g in with_system] == [g.token_ids for g in by_ids]
+    # the ids a training row with this system prompt starts with
+    row = {"prompt": PROMPTS[0], "response": "Yes.", "system": system}
+    assert preprocess_row(row, LM.tokenizer, LM.spec, LayoutOptions())["prompt_ids"] == as_ids[0]

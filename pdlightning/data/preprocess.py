@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pdlightning.layout import encode_plain, encode_response
 from pdlightning.tags import Round, TagError, TaggedResponse, TagSpec, from_pasta, parse, strip
+from pdlightning.tokenizer import format_prompt
 
 
 @dataclass(frozen=True)
@@ -48,17 +49,6 @@ def _tagged_of(row: dict[str, Any], spec: TagSpec) -> TaggedResponse:
     return HeuristicAnnotator(spec=spec).annotate(row["prompt"], row["response"])
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, system: str | None = None) -> list[int]:
-    """Prompt ids through the chat template when the tokenizer has one."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": prompt}
-        ]
-        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(out["input_ids"] if hasattr(out, "keys") else out)
-    return list(tokenizer.encode((system + "\n" if system else "") + prompt + "\n", add_special_tokens=False))
-
-
 def preprocess_row(
     row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, spec: TagSpec, options: LayoutOptions
 ) -> dict[str, Any]:
@@ -87,7 +77,7 @@ def preprocess_row(
             if options.relength:
                 length = spec.units(len(tokenizer.encode(content, add_special_tokens=False)))
             r.entries[k] = replace(entry, length=length, topic=entry.topic if options.keep_topics else "")
-    p_ids = prompt_ids(tokenizer, prompt, row.get("system"))
+    p_ids = format_prompt(tokenizer, prompt, row.get("system"))
     heads = options.topic_heads and options.keep_topics
 
     def encode(rs: list[Round], end: bool) -> list[int]:

@@ -236,6 +236,7 @@ class DecodingStrategy(ABC):
         prompts: Sequence[str] | Sequence[Sequence[int]],
         generator: torch.Generator | None = None,
         on_batch: Callable[[list[Generation]], None] | None = None,
+        system: str | None = None,
     ) -> list[Generation]:
         """Decode every prompt.
 
@@ -244,6 +245,8 @@ class DecodingStrategy(ABC):
             prompts: Prompt texts (formatted with the chat template) or token ids.
             generator: Source of randomness; a fresh one seeded 0 when None.
             on_batch: Called with each batch's results as soon as it is done.
+            system: A system prompt for every text prompt, formatted as training
+                formats a row's ``system`` (:func:`pdlightning.tokenizer.format_prompt`).
 
         Returns:
             One :class:`Generation` per prompt, in order.
@@ -254,7 +257,7 @@ class DecodingStrategy(ABC):
             if isinstance(p, str) and not p.strip():
                 raise PromptError(f"prompt {i} is blank: there is nothing to answer")
         texts = [p if isinstance(p, str) else lm.tokenizer.decode(list(p)) for p in prompts]
-        ids = [format_prompt(lm.tokenizer, p) if isinstance(p, str) else list(p) for p in prompts]
+        ids = [format_prompt(lm.tokenizer, p, system) if isinstance(p, str) else list(p) for p in prompts]
         self.check_prompts(lm, ids)
         self._check_positions(lm, ids)
         results: list[Generation] = []
