@@ -12,9 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import PreTrainedTokenizerFast
 
-from pdlightning.decoding.lm import load_tokenizer
 from pdlightning.tags import CONTROL_NAMES, TagSpec
-from pdlightning.tokenizer import add_control_tokens, build_tokenizer, load_spec, save_spec
+from pdlightning.tokenizer import (
+    add_control_tokens,
+    build_tokenizer,
+    load_spec,
+    load_tokenizer,
+    save_spec,
+)
 
 TEXTS = ["Her name is Ann Lee. She is 31.\nShe lives in Paris."] * 5
 

@@ -241,7 +241,7 @@ class PlannedDataModule(L.LightningDataModule):
 
     def _tokenizer(self, path: str | None, spec: TagSpec, vocab_size: int) -> tuple[Any, TagSpec]:
         if path is not None:  # loaded as every decoder loads it: checked, and as saved
-            from pdlightning.decoding.lm import load_tokenizer
+            from pdlightning.tokenizer import load_tokenizer
 
             if not Path(path).is_dir():
                 raise ValueError(f"data.tokenizer_path: {path!r} is not a directory (a local model's, with its "

@@ -12,16 +12,14 @@ from typing import Any
 
 import torch
 from transformers import (
-    AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
 )
 
 from pdlightning.masks import check_attention, for_attention
 from pdlightning.model.backbone import LogitsConvention, load_pretrained, model_class
 from pdlightning.tags import TagSpec
-from pdlightning.tokenizer import load_spec, save_spec
+from pdlightning.tokenizer import load_spec, load_tokenizer, save_spec
 
 META_FILE = "pdlightning.json"
 
@@ -32,51 +30,6 @@ class ForwardOutput:
 
     logits: torch.Tensor
     past_key_values: Any = None
-
-
-#: Files that hold a tokenizer's vocabulary (any one, or a pair, is enough to load it).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
-                   "sentencepiece.bpe.model")
-
-
-def load_tokenizer(directory: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Load a tokenizer as saved, without a model-specific class adding tokens of its own.
-
-    A tokenizer built here is a plain ``tokenizers`` backend; ``AutoTokenizer``
-    would pick the class of the model type in ``config.json`` (e.g. Qwen2's),
-    which adds its own special tokens and shifts the vocabulary.
-
-    Raises:
-        FileNotFoundError: ``directory`` holds none of :data:`TOKENIZER_FILES` (the
-            message names them); without this check transformers builds an empty
-            tokenizer from ``config.json`` alone that encodes every text to nothing.
-        ValueError: ``tokenizer_config.json`` is not valid JSON, or the loaded tokenizer
-            encodes text to no tokens (both name the directory or file).
-    """
-    path = Path(directory)
-    if path.is_dir() and not trust_remote_code and not any((path / f).is_file() for f in TOKENIZER_FILES):
-        raise FileNotFoundError(
-            f"{str(path)!r} has no tokenizer files: none of {', '.join(TOKENIZER_FILES)} is there. "
-            "Copy the tokenizer saved with the model back (`pdlightning export` writes it beside the weights)"
-        )
-    config_path = path / "tokenizer_config.json"
-    cls_name = None
-    if config_path.is_file():
-        try:
-            cls_name = json.loads(config_path.read_text(encoding="utf-8")).get("tokenizer_class")
-        except (ValueError, AttributeError) as e:  # JSONDecodeError/UnicodeDecodeError; not an object
-            raise ValueError(f"{config_path}: not a valid tokenizer config ({e})") from None
-    if cls_name in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-        if path.is_dir() and not (path / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"{str(path / 'tokenizer.json')!r} is missing: {config_path.name} names a "
-                                    f"plain `tokenizers` backend ({cls_name}), which is loaded from that file")
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
-    if not tokenizer.encode("a b", add_special_tokens=False):
-        raise ValueError(f"the tokenizer in {str(path)!r} encodes text to no tokens: its vocabulary is "
-                         f"missing or empty (expected one of {', '.join(TOKENIZER_FILES)})")
-    return tokenizer
 
 
 def check_device(device: str | torch.device) -> None:
