@@ -73,13 +73,36 @@ def _choices(annotation: Any) -> list[Any] | None:
     return None
 
 
+def knob_descriptions(cls: type) -> dict[str, str]:
+    """Each constructor argument's description from the ``Args:`` sections of the
+    docstrings of ``cls`` and the classes it derives from (the most derived wins)."""
+    import docstring_parser
+
+    found: dict[str, str] = {}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        for doc in (klass.__dict__.get("__doc__"), getattr(init, "__doc__", None)):
+            if not doc:
+                continue
+            try:
+                params = docstring_parser.parse(doc).params
+            except docstring_parser.ParseError:  # a user's free-form docstring: no descriptions from it
+                continue
+            for param in params:
+                if param.description:
+                    found.setdefault(param.arg_name, " ".join(param.description.replace("``", "").split()))
+    return found
+
+
 def add_strategy_arguments(parser: argparse.ArgumentParser, cls: type) -> list[str]:
     """Add one option per constructor argument of ``cls`` and of the classes it derives
     from (a subclass passing ``**kwargs`` on keeps every inherited knob); return their names.
 
     Each option's type is its annotation in the class that declares it, else the
     type of its default (a ``bool`` default parses ``false`` as False), else text.
+    Its help is its description in the classes' docstrings (``Args:``) and its default.
     """
+    descriptions = knob_descriptions(cls)
     names: list[str] = []
     seen: set[str] = set()
     for klass in cls.__mro__:
@@ -97,8 +120,9 @@ def add_strategy_arguments(parser: argparse.ArgumentParser, cls: type) -> list[s
             choices = _choices(annotation)
             parser.add_argument(
                 *flags, dest=f"strategy__{p.name}", type=_converter(annotation), choices=choices,
+                metavar=None if choices else p.name.upper(),
                 default=argparse.SUPPRESS,
-                help=f"{klass.__name__} argument (default {default!r})",
+                help=f"{descriptions.get(p.name, klass.__name__ + ' argument')} (default {default!r})",
             )
             names.append(p.name)
     return names
@@ -108,11 +132,13 @@ def strategy_kwargs(ns: argparse.Namespace) -> dict[str, Any]:
     return {k.removeprefix("strategy__"): v for k, v in vars(ns).items() if k.startswith("strategy__")}
 
 
-def _read_prompts(args: argparse.Namespace) -> list[str]:
-    """The prompts of ``--prompt`` or of the ``--input`` file (ValueError/OSError naming the file)."""
+def _read_prompts(args: argparse.Namespace) -> tuple[list[str], list[str | None]]:
+    """The prompts of ``--prompt`` or of the ``--input`` file, and each one's system
+    prompt: a row's own ``system``, else ``--system`` (ValueError/OSError naming the file)."""
     if args.prompt:
-        return list(args.prompt)
+        return list(args.prompt), [args.system] * len(args.prompt)
     prompts: list[str] = []
+    systems: list[str | None] = []
     try:
         with open(args.input, encoding="utf-8") as f:
             lines = list(f)
@@ -130,10 +156,14 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         text = row.get("prompt", row.get("instruction")) if isinstance(row, dict) else None
         if not isinstance(text, str):
             raise ValueError(f"{args.input}:{n}: needs a 'prompt' (or 'instruction') string")
+        system = row.get("system")
+        if system is not None and not isinstance(system, str):
+            raise ValueError(f"{args.input}:{n}: 'system' must be a string (or null), got {type(system).__name__}")
         prompts.append(text)
+        systems.append(system if system is not None else args.system)
     if not prompts:
         raise ValueError(f"--input {args.input}: no prompts in it (one JSON object with a 'prompt' per line)")
-    return prompts
+    return prompts, systems
 
 
 def show(generation: Any, colour: bool, spans: bool = True) -> str:
@@ -177,8 +207,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="short name or class path of a DecodingStrategy (with --help: that decoder's options)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    src.add_argument("--input", help="JSONL file with a 'prompt' per line")
-    p.add_argument("--system", help="a system prompt for every prompt (formatted as training formats a row's system)")
+    src.add_argument("--input", help="JSONL file with a 'prompt' per line (and optionally its own 'system')")
+    p.add_argument("--system", help="a system prompt for every prompt without its own (formatted as training "
+                                    "formats a row's system)")
     p.add_argument("--output", help="write one JSON result per line here (a file there is replaced when the run ends)")
     p.add_argument("--show-plan", action="store_true", help="show the plan and each span in colour")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (matters when --temperature > 0)")
@@ -207,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TypeError, ValueError) as e:
         raise SystemExit(f"pdlightning generate: {e}") from None
     try:
-        prompts = _read_prompts(args)
+        prompts, systems = _read_prompts(args)
         lm = LanguageModel.from_pretrained(
             args.checkpoint, device=args.device, attn_implementation=args.attn_implementation,
             trust_remote_code=args.trust_remote_code,
@@ -258,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         strategy.generate(lm, prompts, torch.Generator().manual_seed(args.seed), on_batch=on_batch,
-                          system=args.system)
+                          system=systems)
     except PromptError as e:  # checked before the first pass: nothing was decoded
         if out is not None:
             out.close()

@@ -30,6 +30,7 @@ from pdlightning.decoding import (
     get_strategy,
     list_strategies,
 )
+from pdlightning.decoding.base import PromptError
 from pdlightning.decoding.diffusion import read_response
 from pdlightning.decoding.fast_dllm import block_caps, confident_count
 from pdlightning.decoding.sampling import unmask_scores
@@ -496,3 +497,10 @@ def test_a_system_prompt_is_formatted_as_training_formats_a_rows_system(name: st
     # the ids a training row with this system prompt starts with
     row = {"prompt": PROMPTS[0], "response": "Yes.", "system": system}
     assert preprocess_row(row, LM.tokenizer, LM.spec, LayoutOptions())["prompt_ids"] == as_ids[0]
+    # one system prompt per prompt (None: none), as rows of a prompt file carry their own
+    systems = [system if i % 2 else None for i in range(len(PROMPTS))]
+    per_row = strategy.generate(LM, PROMPTS, torch.Generator().manual_seed(0), system=systems)
+    mixed = [format_prompt(LM.tokenizer, p, s) for p, s in zip(PROMPTS, systems, strict=True)]
+    assert [g.token_ids for g in per_row] == [g.token_ids for g in strategy.generate(LM, mixed, torch.Generator().manual_seed(0))]
+    with pytest.raises(PromptError, match="2 system prompts for"):
+        strategy.generate(LM, PROMPTS, system=[system, None])

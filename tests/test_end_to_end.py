@@ -191,6 +191,54 @@ def test_a_subclass_passing_kwargs_on_keeps_every_inherited_knob_typed():
     ShortPlans(**got)  # and the strategy takes them
 
 
+def test_generate_help_describes_every_knob_from_the_docstrings():
+    from pdlightning.decoding import PlannedDiffusion, list_strategies
+    from pdlightning.decoding.base import strategy_class
+
+    class ShortPlans(PlannedDiffusion):
+        """Plans of at most ``keep`` entries.
+
+        Args:
+            keep: Plan entries kept per round.
+        """
+
+        def __init__(self, keep=2, **kwargs):
+            super().__init__(max_spans=keep, **kwargs)
+
+    for cls in [ShortPlans] + [strategy_class(n) for n in list_strategies()]:
+        for name, text in helps_of(cls).items():  # a description, not the bare "<Class> argument"
+            assert " argument (default" not in text, (cls.__name__, name, text)
+    assert helps_of(ShortPlans)["keep"] == "Plan entries kept per round. (default 2)"
+    assert helps_of(ShortPlans)["step_ratio"].startswith("r: a round denoises in ceil(r * longest span) steps.")
+
+
+def helps_of(cls: type) -> dict[str, str]:
+    import argparse
+
+    from pdlightning.generate import add_strategy_arguments
+
+    p = argparse.ArgumentParser()
+    add_strategy_arguments(p, cls)
+    return {a.dest.removeprefix("strategy__"): a.help for a in p._actions if a.dest.startswith("strategy__")}
+
+
+def test_a_prompt_file_row_keeps_its_own_system_prompt(tmp_path: Path):
+    import argparse
+
+    from pdlightning.generate import _read_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in (
+        {"prompt": "a", "system": "Be brief."}, {"prompt": "b"}, {"instruction": "c", "system": None})) + "\n")
+    args = argparse.Namespace(prompt=None, input=str(path), system="Default.")
+    assert _read_prompts(args) == (["a", "b", "c"], ["Be brief.", "Default.", "Default."])
+    args.system = None
+    assert _read_prompts(args) == (["a", "b", "c"], ["Be brief.", None, None])
+    path.write_text(json.dumps({"prompt": "a", "system": ["Be brief."]}) + "\n")
+    with pytest.raises(ValueError, match=r"prompts.jsonl:1: 'system' must be a string \(or null\), got list"):
+        _read_prompts(args)
+
+
 @pytest.mark.slow
 def test_generate_command_finds_a_users_strategy_on_the_python_path(trained: Path, tmp_path: Path):
     args = ("generate", "--checkpoint", str(trained / "hf"), "--decoder", "mypackage.strategies.Greedy",

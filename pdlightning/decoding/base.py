@@ -236,7 +236,7 @@ class DecodingStrategy(ABC):
         prompts: Sequence[str] | Sequence[Sequence[int]],
         generator: torch.Generator | None = None,
         on_batch: Callable[[list[Generation]], None] | None = None,
-        system: str | None = None,
+        system: str | Sequence[str | None] | None = None,
     ) -> list[Generation]:
         """Decode every prompt.
 
@@ -245,8 +245,9 @@ class DecodingStrategy(ABC):
             prompts: Prompt texts (formatted with the chat template) or token ids.
             generator: Source of randomness; a fresh one seeded 0 when None.
             on_batch: Called with each batch's results as soon as it is done.
-            system: A system prompt for every text prompt, formatted as training
-                formats a row's ``system`` (:func:`pdlightning.tokenizer.format_prompt`).
+            system: A system prompt for every text prompt, or one per prompt (None:
+                none for that prompt), formatted as training formats a row's
+                ``system`` (:func:`pdlightning.tokenizer.format_prompt`).
 
         Returns:
             One :class:`Generation` per prompt, in order.
@@ -256,8 +257,12 @@ class DecodingStrategy(ABC):
         for i, p in enumerate(prompts):  # the chat template would make a blank text a non-empty prompt
             if isinstance(p, str) and not p.strip():
                 raise PromptError(f"prompt {i} is blank: there is nothing to answer")
+        systems = [system] * len(prompts) if system is None or isinstance(system, str) else list(system)
+        if len(systems) != len(prompts):
+            raise PromptError(f"{len(systems)} system prompts for {len(prompts)} prompts: give one per prompt")
         texts = [p if isinstance(p, str) else lm.tokenizer.decode(list(p)) for p in prompts]
-        ids = [format_prompt(lm.tokenizer, p, system) if isinstance(p, str) else list(p) for p in prompts]
+        ids = [format_prompt(lm.tokenizer, p, s) if isinstance(p, str) else list(p)
+               for p, s in zip(prompts, systems, strict=True)]
         self.check_prompts(lm, ids)
         self._check_positions(lm, ids)
         results: list[Generation] = []
