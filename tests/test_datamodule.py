@@ -141,6 +141,22 @@ def test_stages_switch_objective_and_sampler_shards_global_batches(source, tmp_p
     assert [a + b for a, b in zip(r0, r1, strict=True)] == one
 
 
+@given(n=st.integers(1, 60), batch_size=st.integers(1, 8), world=st.integers(2, 4), shuffle=st.booleans())
+@settings(max_examples=200, deadline=None)
+def test_ranks_take_equal_batch_counts_and_evaluation_scores_every_row_once(n, batch_size, world, shuffle):
+    ranks = [list(LengthGroupedSampler([i % 7 for i in range(n)], batch_size, 0, 0, shuffle, r, world))
+             for r in range(world)]
+    assert len({len(r) for r in ranks}) == 1  # a rank with fewer batches would hang the others' collectives
+    assert all(0 < len(b) <= batch_size for r in ranks for b in r)
+    seen = [i for r in ranks for b in r for i in b]
+    if shuffle:  # training: full global batches only, no row twice
+        assert len(seen) == len(set(seen)) == (n // (batch_size * world)) * batch_size * world
+    else:  # evaluation: every row, once; a repeat only where a short batch has fewer rows than ranks
+        assert set(seen) == set(range(n))
+        assert len(seen) - n == sum(max(0, world - len(b)) for b in LengthGroupedSampler(
+            [i % 7 for i in range(n)], batch_size * world, 0, 0, False)._global_batches())
+
+
 def test_every_knob_is_validated(source, tmp_path: Path):
     with pytest.raises(ValueError, match="stage mode"):
         PlannedDataModule(source=str(source[0]), tokenizer_path=str(source[1]), stages=[Stage("magic", 1)])

@@ -102,7 +102,10 @@ class LengthGroupedSampler(Sampler[list[int]]):
 
     Under data parallelism the sampler forms *global* batches of
     ``batch_size * world_size`` and yields this rank's slice of each, so the
-    ranks together see exactly the batches one process would.
+    ranks together see exactly the batches one process would. Training drops a
+    short global batch; evaluation (``shuffle=False``) deals it out over the
+    ranks instead, so every row is scored once and a split smaller than one
+    global batch still validates (a rank left without a row repeats one).
     """
 
     def __init__(
@@ -132,13 +135,17 @@ class LengthGroupedSampler(Sampler[list[int]]):
             batches += [part[k : k + size] for k in range(0, len(part), size)]
         if self.shuffle:
             rng.shuffle(batches)
-        if self.world_size > 1:  # every rank needs a full slice: drop short global batches
+        if self.world_size > 1 and self.shuffle:  # training: every rank a full slice, so drop short ones
             batches = [b for b in batches if len(b) == size]
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        lo = self.rank * self.batch_size
-        return iter([b[lo : lo + self.batch_size] for b in self._global_batches()])
+        lo, world = self.rank * self.batch_size, self.world_size
+        return iter([
+            b[lo : lo + self.batch_size] if len(b) == self.batch_size * world
+            else b[self.rank :: world] or [b[self.rank % len(b)]]  # a short one (evaluation only)
+            for b in self._global_batches()
+        ])
 
     def __len__(self) -> int:
         return len(self._global_batches())
