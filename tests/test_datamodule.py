@@ -157,6 +157,16 @@ def test_ranks_take_equal_batch_counts_and_evaluation_scores_every_row_once(n, b
             [i % 7 for i in range(n)], batch_size * world, 0, 0, False)._global_batches())
 
 
+def test_tokenising_in_several_processes_gives_the_same_rows(source, tmp_path: Path):
+    one = make_dm(source, tmp_path / "one")
+    two = make_dm(source, tmp_path / "two", num_proc=2)
+    for name, split in one.splits.items():
+        assert split.to_list() == two.splits[name].to_list(), name
+    assert one.discarded == two.discarded
+    with pytest.raises(ValueError, match="data.num_proc must be >= 1, got 0"):
+        make_dm(source, tmp_path, num_proc=0)
+
+
 def test_every_knob_is_validated(source, tmp_path: Path):
     with pytest.raises(ValueError, match="stage mode"):
         PlannedDataModule(source=str(source[0]), tokenizer_path=str(source[1]), stages=[Stage("magic", 1)])
