@@ -122,7 +122,7 @@ def add_strategy_arguments(parser: argparse.ArgumentParser, cls: type) -> list[s
                 *flags, dest=f"strategy__{p.name}", type=_converter(annotation), choices=choices,
                 metavar=None if choices else p.name.upper(),
                 default=argparse.SUPPRESS,
-                help=f"{descriptions.get(p.name, klass.__name__ + ' argument')} (default {default!r})",
+                help=f"{descriptions.get(p.name, klass.__name__ + ' argument')} (default {default!r})".replace("%", "%%"),
             )
             names.append(p.name)
     return names

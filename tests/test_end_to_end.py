@@ -192,14 +192,17 @@ def test_a_subclass_passing_kwargs_on_keeps_every_inherited_knob_typed():
 
 
 def test_generate_help_describes_every_knob_from_the_docstrings():
+    import argparse
+
     from pdlightning.decoding import PlannedDiffusion, list_strategies
     from pdlightning.decoding.base import strategy_class
+    from pdlightning.generate import add_strategy_arguments
 
     class ShortPlans(PlannedDiffusion):
         """Plans of at most ``keep`` entries.
 
         Args:
-            keep: Plan entries kept per round.
+            keep: Plan entries kept per round (100% of them when 0).
         """
 
         def __init__(self, keep=2, **kwargs):
@@ -208,7 +211,10 @@ def test_generate_help_describes_every_knob_from_the_docstrings():
     for cls in [ShortPlans] + [strategy_class(n) for n in list_strategies()]:
         for name, text in helps_of(cls).items():  # a description, not the bare "<Class> argument"
             assert " argument (default" not in text, (cls.__name__, name, text)
-    assert helps_of(ShortPlans)["keep"] == "Plan entries kept per round. (default 2)"
+    assert helps_of(ShortPlans)["keep"] == "Plan entries kept per round (100%% of them when 0). (default 2)"
+    p = argparse.ArgumentParser()
+    add_strategy_arguments(p, ShortPlans)
+    assert "(100% of them when 0)" in p.format_help()  # argparse %-formats help: a bare % would break --help
     assert helps_of(ShortPlans)["step_ratio"].startswith("r: a round denoises in ceil(r * longest span) steps.")
 
 
