@@ -139,13 +139,16 @@ class LengthGroupedSampler(Sampler[list[int]]):
             batches = [b for b in batches if len(b) == size]
         return batches
 
+    def _slice(self, batch: list[int]) -> list[int]:
+        """This rank's part of a global batch."""
+        if len(batch) == self.batch_size * self.world_size:
+            lo = self.rank * self.batch_size
+            return batch[lo : lo + self.batch_size]
+        # a short one (evaluation only): dealt out, a row repeated where the ranks outnumber the rows
+        return batch[self.rank :: self.world_size] or [batch[self.rank % len(batch)]]
+
     def __iter__(self) -> Iterator[list[int]]:
-        lo, world = self.rank * self.batch_size, self.world_size
-        return iter([
-            b[lo : lo + self.batch_size] if len(b) == self.batch_size * world
-            else b[self.rank :: world] or [b[self.rank % len(b)]]  # a short one (evaluation only)
-            for b in self._global_batches()
-        ])
+        return iter([self._slice(b) for b in self._global_batches()])
 
     def __len__(self) -> int:
         return len(self._global_batches())
