@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -41,6 +41,15 @@ def _trusts_remote_code(backbone: object) -> bool:
     return bool(_backbone_field(backbone, "trust_remote_code"))
 
 
+class _ShortUsageParser(LightningArgumentParser):
+    """A parse error is the error and a pointer to ``--help``, not a usage line of
+    every option (about 70 lines for ``fit``) above them."""
+
+    def print_usage(self, file=None) -> None:  # type: ignore[no-untyped-def]
+        prog = self.prog.replace(" [options]", "")
+        (file or sys.stdout).write(f"usage: {prog} [--config CONFIG] [options]\n")
+
+
 class PDLightningCLI(LightningCLI):
     """LightningCLI with the tokenizer and tag spec linked from data to model, the
     model's own optimiser and per-stage schedule (``model.optimizer``,
@@ -50,6 +59,8 @@ class PDLightningCLI(LightningCLI):
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("parser_class", _ShortUsageParser)
+        kwargs.setdefault("parser_kwargs", {"prog": "pdlightning"})  # also when run as python -m or from a test
         super().__init__(*args, **kwargs)
 
     def instantiate_classes(self) -> None:

@@ -61,6 +61,22 @@ def test_a_bad_config_value_is_refused_with_its_name(tmp_path: Path):
         parse_config(["--config", str(ROOT / "configs/smoke.yaml"), "--data.max_pads=lots"])
 
 
+def test_a_misspelt_option_is_named_without_a_usage_line_of_every_option(tmp_path: Path, capsys):
+    from pdlightning.cli import build_cli
+
+    typo = tmp_path / "typo.yaml"  # in a config file as on the command line
+    typo.write_text((ROOT / "configs/smoke.yaml").read_text().replace("batch_size:", "batchsize:"))
+    for args, said in ((["--config", str(ROOT / "configs/smoke.yaml"), "--model.objective.tmin=0.1"],
+                        "Option 'tmin' is not accepted"),
+                       (["--config", str(typo)], "does not accept option 'data.batchsize'")):
+        with pytest.raises(SystemExit) as exit_:
+            build_cli(["fit", *args])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and said in err
+        assert err.startswith("usage: pdlightning fit [--config CONFIG] [options]\n"), err[:300]
+        assert "pdlightning fit --help" in err and len(err.splitlines()) < 15, err
+
+
 def test_a_value_a_class_refuses_is_one_line_and_no_second_optimizer_exists(tmp_path: Path, capsys):
     from pdlightning.cli import build_cli, parse_config
 
