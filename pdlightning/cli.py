@@ -29,16 +29,25 @@ OTHER_SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def _backbone_field(backbone: object, name: str) -> Any:
-    """A field of the parsed ``model.backbone`` (None when unset)."""
-    args = getattr(backbone, "init_args", backbone)  # jsonargparse gives the dataclass as class_path + init_args
+def _init_arg(parsed: object, name: str) -> Any:
+    """A field of a parsed class argument (``model.backbone``, a logger), None when unset."""
+    args = getattr(parsed, "init_args", parsed)  # jsonargparse gives the class as class_path + init_args
     return getattr(args, name, None)
+
+
+def run_roots(trainer: Any) -> list[Path]:
+    """Where a run writes: its loggers' ``save_dir`` (logs, checkpoints and the HF export
+    go under it) and ``trainer.default_root_dir``; ``.`` when neither is set."""
+    loggers = trainer.get("logger")
+    dirs = [_init_arg(lg, "save_dir") for lg in (loggers if isinstance(loggers, list) else [loggers])
+            if not isinstance(lg, bool | None)]
+    return list(dict.fromkeys(Path(d) for d in [*dirs, trainer.get("default_root_dir")] if d)) or [Path(".")]
 
 
 def _trusts_remote_code(backbone: object) -> bool:
     """``data.trust_remote_code`` from ``model.backbone.trust_remote_code``: one switch for
     the checkpoint's code, its model's and its tokenizer's."""
-    return bool(_backbone_field(backbone, "trust_remote_code"))
+    return bool(_init_arg(backbone, "trust_remote_code"))
 
 
 class _ShortUsageParser(LightningArgumentParser):
@@ -90,7 +99,8 @@ class PDLightningCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Refuse an attention the run's device cannot use, before anything is built;
-        ``--ckpt_path last`` resumes from the newest ``last.ckpt`` under the run's root.
+        ``--ckpt_path last`` resumes from the newest ``last.ckpt`` under the run's roots
+        (:func:`run_roots`: where the logger writes, and ``default_root_dir``).
 
         Lightning looks for ``last`` only in the checkpoint directory of the new
         run, which a versioned logger makes a fresh, empty one.
@@ -101,7 +111,7 @@ class PDLightningCLI(LightningCLI):
         self._check_attention(cfg)
         ckpt = cfg.get("ckpt_path")
         if (self.subcommand in ("validate", "test", "predict") and ckpt is None
-                and not _backbone_field(cfg.get("model.backbone"), "pretrained")):
+                and not _init_arg(cfg.get("model.backbone"), "pretrained")):
             print(f"pdlightning {self.subcommand}: no --ckpt_path, so the model is freshly initialised (untrained); "
                   "pass --ckpt_path last, or a .ckpt", file=sys.stderr)
         if ckpt is not None and ckpt not in ("last", "best", "hpc") and not str(ckpt).startswith("registry"):
@@ -114,10 +124,11 @@ class PDLightningCLI(LightningCLI):
                                          "or --ckpt_path last")
         if ckpt != "last":
             return
-        root = Path(cfg.trainer.default_root_dir or ".")
-        found = sorted(root.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+        roots = run_roots(cfg.trainer)
+        found = sorted({p.resolve(): p for r in roots for p in r.rglob("last*.ckpt")}.values(),
+                       key=lambda p: p.stat().st_mtime)  # a root inside another finds a file twice
         if not found:
-            raise SystemExit(f"--ckpt_path last: no last.ckpt under {root}")
+            raise SystemExit(f"--ckpt_path last: no last.ckpt under {' or '.join(map(str, roots))}")
         cfg.ckpt_path = str(found[-1])
         print(f"--ckpt_path last: {found[-1]}")
 

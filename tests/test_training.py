@@ -107,6 +107,35 @@ def test_a_value_a_class_refuses_is_one_line_and_no_second_optimizer_exists(tmp_
     assert parse_config([*args, "--model.optimizer=torch.optim.SGD", "--model.optimizer.lr=0.1"]).model.optimizer
 
 
+def test_ckpt_path_last_looks_where_the_logger_writes_too(tmp_path: Path):
+    """Moving a run with ``--trainer.default_root_dir`` alone leaves the config's logger
+    writing elsewhere (checkpoints and export included); ``last`` is found there."""
+    from pdlightning.cli import PDLightningCLI
+    from pdlightning.data.datamodule import PlannedDataModule
+    from pdlightning.model.module import PlannedDiffusionModule
+
+    class Resolved(Exception):
+        pass
+
+    class StopBeforeBuilding(PDLightningCLI):
+        def instantiate_classes(self) -> None:
+            raise Resolved(self.config.validate.ckpt_path)
+
+    root, logs = tmp_path / "root", tmp_path / "logs"
+    args = ["validate", "--config", str(ROOT / "configs/smoke.yaml"), f"--trainer.default_root_dir={root}",
+            f"--trainer.logger.init_args.save_dir={logs}", "--ckpt_path=last"]
+    with pytest.raises(SystemExit, match=f"no last.ckpt under {logs} or {root}$"):
+        StopBeforeBuilding(PlannedDiffusionModule, PlannedDataModule, args=args)
+    older, newer = (logs / f"smoke/version_{v}/checkpoints/last.ckpt" for v in (0, 1))
+    for ckpt in (older, newer):
+        ckpt.parent.mkdir(parents=True)
+        ckpt.write_bytes(b"")
+    os.utime(older, (1, 1))
+    with pytest.raises(Resolved) as found:
+        StopBeforeBuilding(PlannedDiffusionModule, PlannedDataModule, args=args)
+    assert found.value.args[0] == str(newer)
+
+
 def test_a_tokenizer_path_is_loaded_as_saved_and_checked(tmp_path: Path):
     from pdlightning.cli import build_cli, parse_config
     from pdlightning.data.datamodule import PlannedDataModule
