@@ -39,9 +39,10 @@ def run_roots(trainer: Any) -> list[Path]:
     """Where a run writes: its loggers' ``save_dir`` (logs, checkpoints and the HF export
     go under it) and ``trainer.default_root_dir``; ``.`` when neither is set."""
     loggers = trainer.get("logger")
-    dirs = [_init_arg(lg, "save_dir") for lg in (loggers if isinstance(loggers, list) else [loggers])
-            if not isinstance(lg, bool | None)]
-    return list(dict.fromkeys(Path(d) for d in [*dirs, trainer.get("default_root_dir")] if d)) or [Path(".")]
+    loggers = loggers if isinstance(loggers, list) else [loggers]
+    dirs = [_init_arg(lg, "save_dir") for lg in loggers if not isinstance(lg, bool | None)]
+    dirs.append(trainer.get("default_root_dir"))
+    return [Path(d) for d in dict.fromkeys(dirs) if d] or [Path(".")]
 
 
 def _trusts_remote_code(backbone: object) -> bool:
