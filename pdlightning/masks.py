@@ -162,8 +162,15 @@ def answer_ids(ids: Sequence[int], spec: TagSpec) -> list[int]:
     return [t for t, r in zip(ids, role, strict=True) if r == Role.CONTENT and t not in dropped]
 
 
-def mask_from_structure(st: Structure, dense: bool = False, rows_from: int = 0) -> torch.Tensor:
-    """Boolean attention mask ``[B, 1, T - rows_from, T]`` from a :class:`Structure`."""
+def mask_from_structure(
+    st: Structure, dense: bool = False, rows_from: int = 0, causal_spans: bool = False
+) -> torch.Tensor:
+    """Boolean attention mask ``[B, 1, T - rows_from, T]`` from a :class:`Structure`.
+
+    ``causal_spans`` makes rules 2 and 5 causal: a span position sees only the
+    part of its span (or round, dense) to its left, the mask of the planned
+    layout trained autoregressively (the ``planned_ar`` warm-up).
+    """
     span_i, span_j = st.span[:, rows_from:, None], st.span[:, None, :]
     sync_i, sync_j = st.syncs[:, rows_from:, None], st.syncs[:, None, :]
     inside_i, inside_j = span_i >= 0, span_j >= 0
@@ -172,16 +179,21 @@ def mask_from_structure(st: Structure, dense: bool = False, rows_from: int = 0) 
     col = torch.arange(t, device=st.span.device)[None, :]
     causal = col <= row
     allowed = causal & (~inside_j | (sync_i > sync_j))  # rules 1, 3, 4
-    allowed |= inside_i & (span_i == span_j)  # rule 2
+    within = causal if causal_spans else torch.ones_like(causal)
+    allowed |= inside_i & (span_i == span_j) & within  # rule 2
     if dense:
-        allowed |= inside_i & inside_j & (sync_i == sync_j)  # rule 5
+        allowed |= inside_i & inside_j & (sync_i == sync_j) & within  # rule 5
     allowed &= st.valid[:, rows_from:, None] & st.valid[:, None, :]  # batch padding never attended
     allowed |= row == col  # every row attends to itself (padding rows: only itself)
     return allowed.unsqueeze(1)
 
 
 def batch_attention_mask(
-    ids: torch.Tensor, spec: TagSpec, lengths: torch.Tensor | None = None, dense: bool = False
+    ids: torch.Tensor,
+    spec: TagSpec,
+    lengths: torch.Tensor | None = None,
+    dense: bool = False,
+    causal_spans: bool = False,
 ) -> torch.Tensor:
     """Hybrid attention mask for a right-padded batch.
 
@@ -190,12 +202,13 @@ def batch_attention_mask(
         spec: Tag spec with token ids.
         lengths: Valid length of each row ``[B]``.
         dense: Dense variant (spans of a round attend to each other).
+        causal_spans: Spans (dense: rounds) causal inside, not bidirectional.
 
     Returns:
         ``[B, 1, T, T]`` bool, ``True`` = row attends to column (the form HF
         backbones accept as a 4D attention mask).
     """
-    return mask_from_structure(structure(ids, spec, lengths), dense=dense)
+    return mask_from_structure(structure(ids, spec, lengths), dense=dense, causal_spans=causal_spans)
 
 
 def extension_mask(

@@ -134,6 +134,8 @@ def test_stages_switch_objective_and_sampler_shards_global_batches(source, tmp_p
     pd = next(iter(dm._loader("train", "planned", 0, True)))
     assert ar.mode == "autoregressive" and not (ar.input_ids == dm.spec.id("span_open")).any()
     assert pd.mode == "planned" and (pd.roles == Role.CONTENT).any()
+    warm = next(iter(dm._loader("train", "planned_ar", 0, True)))  # the planned rows, pads and order
+    assert warm.mode == "planned_ar" and torch.equal(warm.input_ids, pd.input_ids)
     lengths = list(range(40))
     one = list(LengthGroupedSampler(lengths, 8, 0, 0))
     r0 = list(LengthGroupedSampler(lengths, 4, 0, 0, rank=0, world_size=2))

@@ -4,10 +4,13 @@ invariants as properties."""
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pdlightning.data.collate import IGNORE, collate
 from pdlightning.masks import (
     Role,
     answer_ids,
@@ -68,6 +71,34 @@ def sequences(draw: st.DrawFn) -> list[int]:
 @given(ids=sequences(), dense=st.booleans())
 def test_builder_equals_the_brute_force_reference(ids: list[int], dense: bool):
     assert torch.equal(hybrid_attention_mask(ids, SPEC, dense=dense), reference(ids, dense))
+
+
+@settings(max_examples=100, deadline=None)
+@given(ids=sequences(), dense=st.booleans())
+def test_causal_spans_are_the_hybrid_mask_made_causal(ids: list[int], dense: bool):
+    """The ``planned_ar`` mask: what the hybrid mask allows, less everything to the right."""
+    x = torch.tensor([ids])
+    causal = batch_attention_mask(x, SPEC, dense=dense, causal_spans=True)[0, 0]
+    assert torch.equal(causal, reference(ids, dense) & torch.ones(len(ids), len(ids), dtype=torch.bool).tril())
+
+
+@settings(max_examples=100, deadline=None)
+@given(ids=sequences(), dense=st.booleans())
+def test_planned_ar_never_lets_a_position_see_the_token_it_predicts(ids: list[int], dense: bool):
+    batch = collate([ids[:1]], [ids[1:]], SPEC, "planned_ar", dense=dense)
+    planned = collate([ids[:1]], [ids[1:]], SPEC, "planned", dense=dense)
+    labels, mask = batch.ar_labels[0], batch.attention_mask[0, 0]
+    content = (batch.roles[0] == Role.CONTENT).nonzero().squeeze(-1)
+    for q in content.tolist():
+        assert labels[q - 1] == batch.input_ids[0, q] and not mask[q - 1, q]
+    elsewhere = torch.ones_like(labels, dtype=torch.bool)
+    elsewhere[content - 1] = False
+    assert torch.equal(labels[elsewhere], planned.ar_labels[0][elsewhere])  # the plan stream's
+    # a plan target at q is unseen by the position holding its label too: q is the next stream position
+    stream = ((batch.roles[0] == Role.PROMPT) | (batch.roles[0] == Role.PLAN)).nonzero().squeeze(-1).tolist()
+    for p, q in pairwise(stream):
+        if labels[p] != IGNORE:
+            assert labels[p] == batch.input_ids[0, q] and not mask[p, q]
 
 
 @settings(max_examples=60, deadline=None)

@@ -133,6 +133,20 @@ def test_autoregressive_baseline_is_next_token_on_the_answer():
     assert batch.attention_mask[0, 0].equal(torch.ones(5, 5, dtype=torch.bool).tril())
 
 
+def test_planned_ar_labels_the_stream_and_every_content_token_from_the_position_before():
+    prompt, response = planned_example()
+    batch = collate([prompt], [response], SPEC, "planned_ar")
+    assert torch.equal(batch.roles, collate([prompt], [response], SPEC, "planned").roles)
+    # the planned stream's labels; then 14, 15 and the pad, each at the position before it
+    # (the head's </topic>, 14, 15); span tags and the head are never targets
+    assert batch.ar_labels[0].tolist() == [IGNORE, PO, 12, 13, PC, END, IGNORE, IGNORE, 14, 15, PAD, IGNORE, IGNORE, IGNORE]
+    terms = objective_loss(logits_favouring(batch.ar_labels, 0.0), batch, None)
+    assert terms.ar_count == 8 and terms.masked_count == 0
+    assert terms.loss.item() == pytest.approx(math.log(V), rel=1e-5)
+    terms = objective_loss(logits_favouring(batch.ar_labels, 50.0), batch, None)
+    assert terms.ar_correct == 8
+
+
 def test_diffusion_baseline_masks_every_answer_token_and_fills_with_end():
     batch = collate([[10], [10]], [[12, 13, END], [12, END]], SPEC, "diffusion")
     assert batch.input_ids[1].tolist() == [10, 12, END, END]

@@ -374,6 +374,32 @@ def test_the_output_head_runs_only_where_a_token_is_scored_with_the_same_loss_an
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(fast_grads, full_grads, strict=True))
 
 
+def test_the_planned_ar_warm_up_masks_nothing_and_scores_every_labelled_token():
+    from pdlightning.data.collate import IGNORE, collate
+    from pdlightning.data.datamodule import Stage
+    from pdlightning.model.module import PredictConfig
+
+    module = _tiny_module()
+    tok, spec = module.tokenizer, module.spec
+    prompt = tok.encode("Name: Ann Lee\nAge: 31\n", add_special_tokens=False)
+    words = tok.encode("Ann is 31 years old.", add_special_tokens=False)
+    po, pc, so, sc = (spec.id(n) for n in ("plan_open", "plan_close", "span_open", "span_close"))
+    response = [po, *words[:1], pc, so, *words, spec.id("pad"), sc, spec.id("end")]
+    batch = collate([prompt] * 2, [response] * 2, spec, "planned_ar")
+    a = module.loss_terms(batch, torch.Generator().manual_seed(0))
+    b = module.loss_terms(batch, torch.Generator().manual_seed(1))
+    # per row: <topic>, its word, </topic> and the end tag on the stream; the span's words and its pad
+    assert a.masked_count == 0 and a.ar_count == (batch.ar_labels != IGNORE).sum() == 2 * (4 + len(words) + 1)
+    assert a.loss.item() == b.loss.item()  # no noise drawn
+    assert module.loss_terms(collate([prompt], [response], spec, "planned"), torch.Generator()).masked_count > 0
+
+    class Data:
+        stages, dense = [Stage("planned_ar", None)], False
+
+    with pytest.raises(ValueError, match="planned_ar, is a warm-up"):
+        PredictConfig().strategy(Data())
+
+
 def test_an_output_head_the_forward_does_more_than_apply_is_not_split():
     module = _tiny_module()
     assert module._head_is_separable()  # Qwen2: logits = lm_head(last hidden state)

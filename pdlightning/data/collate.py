@@ -16,8 +16,10 @@ import torch
 from pdlightning.masks import Role, batch_attention_mask, roles
 from pdlightning.tags import TagSpec
 
-Mode = Literal["planned", "autoregressive", "diffusion"]
-MODES: tuple[str, ...] = ("planned", "autoregressive", "diffusion")
+Mode = Literal["planned", "planned_ar", "autoregressive", "diffusion"]
+MODES: tuple[str, ...] = ("planned", "planned_ar", "autoregressive", "diffusion")
+PLANNED_LAYOUT: tuple[str, ...] = ("planned", "planned_ar")  # modes that read the planned layout
+NOISED: tuple[str, ...] = ("planned", "diffusion")  # modes whose content is masked (diffusion targets)
 IGNORE = -100
 
 
@@ -99,6 +101,19 @@ def stream_labels(ids: torch.Tensor, role: torch.Tensor) -> torch.Tensor:
     return labels
 
 
+def content_labels(ids: torch.Tensor, role: torch.Tensor) -> torch.Tensor:
+    """Next-token labels of span content, for the planned layout trained autoregressively.
+
+    Every :attr:`Role.CONTENT` token at ``i`` (pads inside spans included) is the
+    label at ``i - 1``, the span's previous position (content, or its last
+    scaffold token), which the stream never labels. ``[B, T]`` in and out.
+    """
+    labels = torch.full_like(ids, IGNORE)
+    target = role[:, 1:] == Role.CONTENT
+    labels[:, :-1][target] = ids[:, 1:][target]
+    return labels
+
+
 def collate(
     prompts: Sequence[Sequence[int]],
     responses: Sequence[Sequence[int]],
@@ -116,9 +131,11 @@ def collate(
             (``diffusion`` fills every response with end tokens to the longest).
         spec: Tag spec with ids.
         mode: ``planned`` (hybrid mask, AR loss on plan stream, diffusion on
-            span content), ``autoregressive`` (causal), ``diffusion``
-            (bidirectional, every response token a diffusion target).
-        dense: Dense hybrid mask (planned mode only).
+            span content), ``planned_ar`` (the planned layout trained
+            autoregressively: the hybrid mask with causal spans, every plan and
+            content token a next-token target), ``autoregressive`` (causal),
+            ``diffusion`` (bidirectional, every response token a diffusion target).
+        dense: Dense hybrid mask (the planned layouts only).
         pad_id: Id of batch padding (never attended); ``spec.id("pad")`` by default.
 
     Returns:
@@ -140,9 +157,9 @@ def collate(
     pos = torch.arange(t)
     valid = pos < lengths[:, None]
     is_prompt = pos < prompt_lengths[:, None]
-    if mode == "planned":
+    if mode in PLANNED_LAYOUT:
         role = roles(ids, spec, prompt_lengths, lengths)
-        mask = batch_attention_mask(ids, spec, lengths, dense=dense)
+        mask = batch_attention_mask(ids, spec, lengths, dense=dense, causal_spans=mode == "planned_ar")
     else:
         role = torch.full_like(ids, int(Role.PLAN if mode == "autoregressive" else Role.CONTENT))
         role[is_prompt] = int(Role.PROMPT)
@@ -154,6 +171,8 @@ def collate(
             mask = valid[:, None, :] & valid[:, :, None]
         mask = (mask | eye).unsqueeze(1)
     labels = stream_labels(ids, role) if mode != "diffusion" else torch.full_like(ids, IGNORE)
+    if mode == "planned_ar":
+        labels = torch.where(labels == IGNORE, content_labels(ids, role), labels)
     return Batch(
         input_ids=ids,
         roles=role,

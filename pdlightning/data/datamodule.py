@@ -17,7 +17,15 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pdlightning.data.collate import MODES, Batch, Mode, add_stochastic_pads, collate, example_rng
+from pdlightning.data.collate import (
+    MODES,
+    PLANNED_LAYOUT,
+    Batch,
+    Mode,
+    add_stochastic_pads,
+    collate,
+    example_rng,
+)
 from pdlightning.data.preprocess import LayoutOptions, preprocess_row
 from pdlightning.data.sources import LOCAL_SUFFIXES, bundled_files, load_rows
 from pdlightning.tags import TagSpec
@@ -74,7 +82,7 @@ class ExampleDataset(Dataset):
     def __init__(
         self, rows: Any, spec: TagSpec, mode: Mode, max_pads: int, seed: int, epoch: int = 0
     ) -> None:
-        self.column = "planned_ids" if mode == "planned" else "plain_ids"
+        self.column = "planned_ids" if mode in PLANNED_LAYOUT else "plain_ids"
         self.rows = rows.select_columns(["prompt_ids", self.column])
         self.spec, self.mode, self.max_pads, self.seed, self.epoch = spec, mode, max_pads, seed, epoch
 
@@ -84,7 +92,7 @@ class ExampleDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[list[int], list[int]]:
         row = self.rows[i]
         response = row[self.column]
-        if self.mode == "planned":
+        if self.mode in PLANNED_LAYOUT:
             response = add_stochastic_pads(response, self.spec, example_rng(self.seed, self.epoch, i), self.max_pads)
         return row["prompt_ids"], response
 

@@ -13,7 +13,7 @@ import torch
 import torchmetrics
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from pdlightning.data.collate import Batch
+from pdlightning.data.collate import NOISED, Batch
 from pdlightning.masks import for_attention
 from pdlightning.model.backbone import AttnImplementation, LogitsConvention, build_backbone
 from pdlightning.model.objective import TSampling, add_noise, objective_loss
@@ -121,6 +121,9 @@ class PredictConfig:
         name = self.decoder
         if name is None:  # each objective's decoder shares its name
             name = datamodule.stages[-1].mode if datamodule is not None else "planned"
+            if name == "planned_ar":
+                raise ValueError("model.predict.decoder: the last training stage, planned_ar, is a warm-up "
+                                 "with no decoder of its own; name one (e.g. planned, after a planned stage)")
             if name == "planned" and getattr(datamodule, "dense", False):
                 name = "dense_planned"
         try:
@@ -222,7 +225,7 @@ class PlannedDiffusionModule(L.LightningModule):
         """Noise the batch as its mode requires, run the backbone, compute the loss terms."""
         noised = None
         ids = batch.input_ids
-        if batch.mode != "autoregressive":
+        if batch.mode in NOISED:
             noised = add_noise(
                 batch, self.spec.id("mask"), self.objective.t_min, generator, self.objective.t_sampling
             )
