@@ -351,15 +351,21 @@ def test_the_runs_seed_draws_the_initial_weights_and_noise_unless_the_model_name
     assert torch.equal(weights(a), weights(pinned))
 
 
-def test_the_output_head_runs_only_where_a_token_is_scored_with_the_same_loss_and_gradients():
-    from pdlightning.data.collate import collate
-
-    module = _tiny_module()
+def _one_span_example(module) -> tuple[list[int], list[int], list[int]]:
+    """A prompt, a response with one plan entry and one span (its words and a pad), and the words."""
     tok, spec = module.tokenizer, module.spec
     prompt = tok.encode("Name: Ann Lee\nAge: 31\n", add_special_tokens=False)
     words = tok.encode("Ann is 31 years old.", add_special_tokens=False)
     po, pc, so, sc = (spec.id(n) for n in ("plan_open", "plan_close", "span_open", "span_close"))
-    response = [po, *words[:1], pc, so, *words, spec.id("pad"), sc, spec.id("end")]
+    return prompt, [po, *words[:1], pc, so, *words, spec.id("pad"), sc, spec.id("end")], words
+
+
+def test_the_output_head_runs_only_where_a_token_is_scored_with_the_same_loss_and_gradients():
+    from pdlightning.data.collate import collate
+
+    module = _tiny_module()
+    spec = module.spec
+    prompt, response, words = _one_span_example(module)
     batch = collate([prompt] * 3, [response] * 3, spec, "planned")
     runs = []
     for separable in (True, False):
@@ -380,11 +386,8 @@ def test_the_planned_ar_warm_up_masks_nothing_and_scores_every_labelled_token():
     from pdlightning.model.module import PredictConfig
 
     module = _tiny_module()
-    tok, spec = module.tokenizer, module.spec
-    prompt = tok.encode("Name: Ann Lee\nAge: 31\n", add_special_tokens=False)
-    words = tok.encode("Ann is 31 years old.", add_special_tokens=False)
-    po, pc, so, sc = (spec.id(n) for n in ("plan_open", "plan_close", "span_open", "span_close"))
-    response = [po, *words[:1], pc, so, *words, spec.id("pad"), sc, spec.id("end")]
+    spec = module.spec
+    prompt, response, words = _one_span_example(module)
     batch = collate([prompt] * 2, [response] * 2, spec, "planned_ar")
     a = module.loss_terms(batch, torch.Generator().manual_seed(0))
     b = module.loss_terms(batch, torch.Generator().manual_seed(1))
