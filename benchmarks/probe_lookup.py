@@ -9,9 +9,7 @@ Two probes on the bundled test prompts, with the models `pdlightning demo` (or
   tokens of its answer keys (names, values, numbers; not function words) are to
   be predicted, greedily, each model in its own layout: the planned model sees
   the reference plan and every span with those tokens masked (one pass); an AR
-  model (the baseline) predicts each from the answer to its left. The shared
-  warm-up is not probed: it trains in the planned layout with causal spans
-  (``planned_ar``), which neither probe's layout is.
+  model (the baseline, the warm-up) predicts each from the answer to its left.
   This is how well a model can look a value up when the rest is right.
   A planned model is also probed with the key tokens to the left of each one
   given ("left keys given": one pass per key token), which is what an AR
@@ -45,7 +43,7 @@ from pdlightning.tags import parse
 from pdlightning.tokenizer import format_prompt
 
 PLANNED = {"planned": False, "dense_planned": True}  # model directory -> dense attention
-AUTOREGRESSIVE = ("autoregressive",)  # the other models (warm-up, diffusion, ablations) are skipped
+AUTOREGRESSIVE = ("autoregressive", "warmup")  # the other models (diffusion, ablations) are skipped
 FUNCTION_WORDS = "a an of the named called and , ."
 
 

@@ -416,6 +416,16 @@ def test_an_output_head_the_forward_does_more_than_apply_is_not_split():
     assert module.backbone.training  # the check leaves the mode as it found it
 
 
+def test_a_planned_ar_warm_up_is_set_from_the_command_line():
+    from pdlightning.cli import parse_config
+
+    parsed = parse_config(["--config", str(ROOT / "configs/tiny.yaml"),
+                           "--data.stages=[{mode: planned_ar, epochs: 8}, {mode: planned, epochs: null}]"])
+    assert [(s.mode, s.epochs) for s in parsed.data.stages] == [("planned_ar", 8), ("planned", None)]
+    with pytest.raises(SystemExit):
+        parse_config(["--config", str(ROOT / "configs/tiny.yaml"), "--data.stages=[{mode: planned_causal}]"])
+
+
 def test_objective_options_are_set_from_the_command_line_and_checked():
     from pdlightning.cli import parse_config
     from pdlightning.model.module import ObjectiveConfig
