@@ -163,13 +163,14 @@ def answer_ids(ids: Sequence[int], spec: TagSpec) -> list[int]:
 
 
 def mask_from_structure(
-    st: Structure, dense: bool = False, rows_from: int = 0, causal_spans: bool = False
+    st: Structure, dense: bool = False, rows_from: int = 0, causal_spans: bool | torch.Tensor = False
 ) -> torch.Tensor:
     """Boolean attention mask ``[B, 1, T - rows_from, T]`` from a :class:`Structure`.
 
     ``causal_spans`` makes rules 2 and 5 causal: a span position sees only the
     part of its span (or round, dense) to its left, the mask of the planned
-    layout trained autoregressively (the ``planned_ar`` warm-up).
+    layout trained autoregressively (``planned_ar``). A ``[B]`` bool tensor
+    makes them causal in the rows where it is True only.
     """
     span_i, span_j = st.span[:, rows_from:, None], st.span[:, None, :]
     sync_i, sync_j = st.syncs[:, rows_from:, None], st.syncs[:, None, :]
@@ -179,7 +180,10 @@ def mask_from_structure(
     col = torch.arange(t, device=st.span.device)[None, :]
     causal = col <= row
     allowed = causal & (~inside_j | (sync_i > sync_j))  # rules 1, 3, 4
-    within = causal if causal_spans else torch.ones_like(causal)
+    if isinstance(causal_spans, torch.Tensor):
+        within = causal | ~causal_spans.to(device=causal.device, dtype=torch.bool)[:, None, None]
+    else:
+        within = causal if causal_spans else torch.ones_like(causal)
     allowed |= inside_i & (span_i == span_j) & within  # rule 2
     if dense:
         allowed |= inside_i & inside_j & (sync_i == sync_j) & within  # rule 5
@@ -193,7 +197,7 @@ def batch_attention_mask(
     spec: TagSpec,
     lengths: torch.Tensor | None = None,
     dense: bool = False,
-    causal_spans: bool = False,
+    causal_spans: bool | torch.Tensor = False,
 ) -> torch.Tensor:
     """Hybrid attention mask for a right-padded batch.
 
@@ -202,7 +206,8 @@ def batch_attention_mask(
         spec: Tag spec with token ids.
         lengths: Valid length of each row ``[B]``.
         dense: Dense variant (spans of a round attend to each other).
-        causal_spans: Spans (dense: rounds) causal inside, not bidirectional.
+        causal_spans: Spans (dense: rounds) causal inside, not bidirectional;
+            a ``[B]`` bool tensor: in those rows only.
 
     Returns:
         ``[B, 1, T, T]`` bool, ``True`` = row attends to column (the form HF

@@ -241,6 +241,25 @@ def test_a_file_mixing_answer_fields_reads_each_row_by_the_field_it_sets(tmp_pat
     assert sum(len(loaded[split]) for split in ("train", "validation")) == 10
 
 
+def test_a_stage_ar_fraction_lays_that_share_of_rows_out_planned_ar_redrawn_each_epoch(source, tmp_path: Path):
+    dm = make_dm(source, tmp_path, stages=[Stage("planned", None, ar_fraction=0.3)])
+    picks = {epoch: [dm.dataset("train", "planned", epoch, 0.3)[i].causal for i in range(len(dm.splits["train"]))]
+             for epoch in (0, 1)}
+    n = len(picks[0])
+    assert 0.15 < sum(picks[0]) / n < 0.45 and picks[0] != picks[1]  # about 30%, redrawn per epoch
+    assert picks[0] == [dm.dataset("train", "planned", 0, 0.3)[i].causal for i in range(n)]  # reproducible
+    assert not any(dm.dataset("train", "planned", 0)[i].causal for i in range(n))
+    batches = list(dm.train_dataloader())  # the stage's loader mixes them in, batch by batch
+    mixed_in = sum(int(b.causal_rows.sum()) for b in batches)  # every pick but a dropped short batch's
+    assert sum(picks[0]) - (n - sum(len(b) for b in batches)) <= mixed_in <= sum(picks[0])
+    assert all(b.mode == "planned" for b in batches) and any(b.causal_rows.any() for b in batches)
+    assert not all(b.causal_rows.all() for b in batches)
+    for bad, match in ((Stage("planned", None, ar_fraction=1.5), r"\[0, 1\]"),
+                       (Stage("autoregressive", 1, ar_fraction=0.5), "mode is 'autoregressive'")):
+        with pytest.raises(ValueError, match=match):
+            make_dm(source, tmp_path, stages=[bad])
+
+
 @pytest.mark.parametrize("mode", ["planned", "autoregressive"])
 def test_examples_are_read_row_by_row_with_the_lengths_of_their_columns(mode: str):
     """After a filter (an indices mapping over the Arrow table), items and lengths still match the rows."""
@@ -257,4 +276,4 @@ def test_examples_are_read_row_by_row_with_the_lengths_of_their_columns(mode: st
     examples = ExampleDataset(ds, SPEC, mode, max_pads=0, seed=0)
     assert len(examples) == len(kept)
     assert examples.lengths() == [len(r["prompt_ids"]) + len(r[column]) for r in kept]
-    assert [examples[i] for i in range(len(kept))] == [(r["prompt_ids"], r[column]) for r in kept]
+    assert [examples[i] for i in range(len(kept))] == [(r["prompt_ids"], r[column], False) for r in kept]

@@ -82,6 +82,23 @@ def test_causal_spans_are_the_hybrid_mask_made_causal(ids: list[int], dense: boo
     assert torch.equal(causal, reference(ids, dense) & torch.ones(len(ids), len(ids), dtype=torch.bool).tril())
 
 
+@settings(max_examples=60, deadline=None)
+@given(seqs=st.lists(st.tuples(sequences(), st.booleans()), min_size=1, max_size=4), dense=st.booleans())
+def test_a_mixed_batch_lays_out_each_row_as_its_own_mode(seqs: list[tuple[list[int], bool]], dense: bool):
+    """A planned batch with some rows laid out ``planned_ar`` (a stage's ``ar_fraction``):
+    each row's mask, labels and roles are its own mode's, alone in a batch."""
+    prompts, responses = [ids[:1] for ids, _ in seqs], [ids[1:] for ids, _ in seqs]
+    causal = [c for _, c in seqs]
+    mixed = collate(prompts, responses, SPEC, "planned", dense=dense, causal_rows=causal)
+    assert mixed.causal_rows.tolist() == causal
+    for b, (ids, c) in enumerate(seqs):
+        alone = collate([ids[:1]], [ids[1:]], SPEC, "planned_ar" if c else "planned", dense=dense)
+        n = len(ids)
+        assert torch.equal(mixed.attention_mask[b, 0, :n, :n], alone.attention_mask[0, 0])
+        assert torch.equal(mixed.ar_labels[b, :n], alone.ar_labels[0])
+        assert torch.equal(mixed.roles[b, :n], alone.roles[0])
+
+
 @settings(max_examples=100, deadline=None)
 @given(ids=sequences(), dense=st.booleans())
 def test_planned_ar_never_lets_a_position_see_the_token_it_predicts(ids: list[int], dense: bool):

@@ -147,6 +147,28 @@ def test_planned_ar_labels_the_stream_and_every_content_token_from_the_position_
     assert terms.ar_correct == 8
 
 
+def test_rows_mixed_in_autoregressively_are_never_noised_and_score_as_planned_ar_alone():
+    """A planned batch whose first row is laid out ``planned_ar``: that row gets no noise
+    (t = 1) and its loss is what the row scores alone as ``planned_ar``; the other row
+    scores as a planned row with the same noise, and no token counts twice."""
+    prompt, response = planned_example()
+    mixed = collate([prompt] * 2, [response] * 2, SPEC, "planned", causal_rows=[True, False])
+    for seed in range(20):
+        noised = add_noise(mixed, MASK, generator=torch.Generator().manual_seed(seed))
+        assert not noised.masked[0].any() and noised.t[0] == 1.0
+        if noised.masked[1].any():
+            break
+    logits = torch.randn(2, mixed.input_ids.shape[1], V, generator=torch.Generator().manual_seed(1))
+    both = objective_loss(logits, mixed, noised)
+    ar = objective_loss(logits[:1], collate([prompt], [response], SPEC, "planned_ar"), None)
+    planned = collate([prompt], [response], SPEC, "planned")
+    one = Noised(noised.input_ids[1:], noised.masked[1:], noised.t[1:])
+    pd = objective_loss(logits[1:], planned, one)
+    assert both.total_sum.item() == pytest.approx(ar.total_sum.item() + pd.total_sum.item(), rel=1e-5)
+    assert both.n_targets == ar.n_targets + pd.n_targets == 8 + 5 + 3  # AR row: 8; planned: 5 plan + 3 content
+    assert both.masked_count == pd.masked_count > 0
+
+
 def test_diffusion_baseline_masks_every_answer_token_and_fills_with_end():
     batch = collate([[10], [10]], [[12, 13, END], [12, END]], SPEC, "diffusion")
     assert batch.input_ids[1].tolist() == [10, 12, END, END]

@@ -422,6 +422,9 @@ def test_a_planned_ar_warm_up_is_set_from_the_command_line():
     parsed = parse_config(["--config", str(ROOT / "configs/tiny.yaml"),
                            "--data.stages=[{mode: planned_ar, epochs: 8}, {mode: planned, epochs: null}]"])
     assert [(s.mode, s.epochs) for s in parsed.data.stages] == [("planned_ar", 8), ("planned", None)]
+    parsed = parse_config(["--config", str(ROOT / "configs/tiny.yaml"),
+                           "--data.stages=[{mode: planned, epochs: null, ar_fraction: 0.25}]"])
+    assert parsed.data.stages[0].ar_fraction == 0.25
     with pytest.raises(SystemExit):
         parse_config(["--config", str(ROOT / "configs/tiny.yaml"), "--data.stages=[{mode: planned_causal}]"])
 

@@ -62,6 +62,10 @@ class Batch:
         lengths: ``[B]`` valid lengths.
         prompt_lengths: ``[B]``.
         mode: The objective this batch is laid out for.
+        causal_rows: ``[B]`` bool: rows of the planned layout trained
+            autoregressively (all of a ``planned_ar`` batch; some of a
+            ``planned`` batch whose stage mixes them in): spans causal, every
+            content token a next-token target, never noised.
     """
 
     input_ids: torch.Tensor
@@ -71,6 +75,12 @@ class Batch:
     lengths: torch.Tensor
     prompt_lengths: torch.Tensor
     mode: str
+    causal_rows: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.causal_rows is None:
+            rows = self.input_ids.shape[0]
+            self.causal_rows = torch.full((rows,), self.mode == "planned_ar", dtype=torch.bool)
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
@@ -121,6 +131,7 @@ def collate(
     mode: Mode = "planned",
     dense: bool = False,
     pad_id: int | None = None,
+    causal_rows: Sequence[bool] | None = None,
 ) -> Batch:
     """Collate tokenised examples into a :class:`Batch`.
 
@@ -137,6 +148,8 @@ def collate(
             ``diffusion`` (bidirectional, every response token a diffusion target).
         dense: Dense hybrid mask (the planned layouts only).
         pad_id: Id of batch padding (never attended); ``spec.id("pad")`` by default.
+        causal_rows: For ``planned``: the rows to lay out as ``planned_ar``
+            instead (a stage's ``ar_fraction``); none by default.
 
     Returns:
         The batch.
@@ -144,6 +157,11 @@ def collate(
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
     pad_id = spec.id("pad") if pad_id is None else pad_id
+    if causal_rows is not None and mode != "planned":
+        raise ValueError(f"causal_rows mixes planned_ar rows into a planned batch; mode is {mode!r}")
+    causal = torch.tensor(
+        [mode == "planned_ar"] * len(prompts) if causal_rows is None else list(causal_rows), dtype=torch.bool
+    )
     if mode == "diffusion":  # fill with end tokens, so masks past the answer learn to say "end"
         longest = max(len(r) for r in responses)
         responses = [list(r) + [spec.id("end")] * (longest - len(r)) for r in responses]
@@ -159,7 +177,7 @@ def collate(
     is_prompt = pos < prompt_lengths[:, None]
     if mode in PLANNED_LAYOUT:
         role = roles(ids, spec, prompt_lengths, lengths)
-        mask = batch_attention_mask(ids, spec, lengths, dense=dense, causal_spans=mode == "planned_ar")
+        mask = batch_attention_mask(ids, spec, lengths, dense=dense, causal_spans=causal)
     else:
         role = torch.full_like(ids, int(Role.PLAN if mode == "autoregressive" else Role.CONTENT))
         role[is_prompt] = int(Role.PROMPT)
@@ -171,8 +189,9 @@ def collate(
             mask = valid[:, None, :] & valid[:, :, None]
         mask = (mask | eye).unsqueeze(1)
     labels = stream_labels(ids, role) if mode != "diffusion" else torch.full_like(ids, IGNORE)
-    if mode == "planned_ar":
-        labels = torch.where(labels == IGNORE, content_labels(ids, role), labels)
+    if causal.any():
+        from_content = torch.where(causal[:, None], content_labels(ids, role), IGNORE)
+        labels = torch.where(labels == IGNORE, from_content, labels)
     return Batch(
         input_ids=ids,
         roles=role,
@@ -181,4 +200,5 @@ def collate(
         lengths=lengths,
         prompt_lengths=prompt_lengths,
         mode=mode,
+        causal_rows=causal,
     )

@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -49,11 +49,15 @@ class DataError(ValueError):
 class Stage:
     """One training stage: the objective's layout and how many epochs it lasts.
 
-    ``epochs=None`` means until the end of training.
+    ``epochs=None`` means until the end of training. ``ar_fraction`` (``planned``
+    stages only) lays that fraction of the stage's examples out as ``planned_ar``
+    instead, drawn afresh per example and epoch: the planned objective with
+    next-token prediction on some spans mixed in.
     """
 
     mode: Mode = "planned"
     epochs: int | None = None
+    ar_fraction: float = 0.0
 
 
 class PromptRows(Dataset):
@@ -72,6 +76,15 @@ class PromptRows(Dataset):
                 "answer_keys": row.get("answer_keys")}
 
 
+class Example(NamedTuple):
+    """One training example: prompt and response ids, and whether its spans train
+    autoregressively (a ``planned_ar`` row; see :class:`Stage`)."""
+
+    prompt_ids: list[int]
+    response: list[int]
+    causal: bool = False
+
+
 class ExampleDataset(Dataset):
     """Tokenised examples laid out for one mode; pads redrawn for every epoch.
 
@@ -80,21 +93,26 @@ class ExampleDataset(Dataset):
     """
 
     def __init__(
-        self, rows: Any, spec: TagSpec, mode: Mode, max_pads: int, seed: int, epoch: int = 0
+        self, rows: Any, spec: TagSpec, mode: Mode, max_pads: int, seed: int, epoch: int = 0,
+        ar_fraction: float = 0.0,
     ) -> None:
         self.column = "planned_ids" if mode in PLANNED_LAYOUT else "plain_ids"
         self.rows = rows.select_columns(["prompt_ids", self.column])
         self.spec, self.mode, self.max_pads, self.seed, self.epoch = spec, mode, max_pads, seed, epoch
+        self.ar_fraction = ar_fraction
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> tuple[list[int], list[int]]:
+    def __getitem__(self, i: int) -> Example:
         row = self.rows[i]
         response = row[self.column]
         if self.mode in PLANNED_LAYOUT:
             response = add_stochastic_pads(response, self.spec, example_rng(self.seed, self.epoch, i), self.max_pads)
-        return row["prompt_ids"], response
+        causal = self.mode == "planned_ar" or (
+            self.ar_fraction > 0 and random.Random(f"{self.seed}:{self.epoch}:{i}:ar").random() < self.ar_fraction
+        )
+        return Example(row["prompt_ids"], response, causal)
 
     def lengths(self) -> list[int]:
         """Every example's length before padding (for grouping)."""
@@ -238,6 +256,11 @@ class PlannedDataModule(L.LightningDataModule):
         for st in self.stages:
             if st.mode not in MODES:
                 raise ValueError(f"stage mode {st.mode!r} is not one of {MODES}")
+            if not 0.0 <= st.ar_fraction <= 1.0:
+                raise ValueError(f"stage ar_fraction must lie in [0, 1], got {st.ar_fraction}")
+            if st.ar_fraction and st.mode != "planned":
+                raise ValueError(f"stage ar_fraction mixes planned_ar rows into a planned stage; "
+                                 f"this stage's mode is {st.mode!r}")
         if overflow not in ("drop", "cut"):
             raise ValueError(f"overflow must be 'drop' or 'cut', got {overflow!r}")
         for name, value, low in (("batch_size", batch_size, 1), ("max_pads", max_pads, 0),
@@ -371,21 +394,24 @@ class PlannedDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return int(trainer.current_epoch) if trainer is not None else 0
 
-    def dataset(self, split: str, mode: Mode, epoch: int = 0) -> ExampleDataset:
+    def dataset(self, split: str, mode: Mode, epoch: int = 0, ar_fraction: float = 0.0) -> ExampleDataset:
         self.setup()
         if split not in self.splits:
             raise KeyError(f"no {split!r} split in {self.source!r}; have {sorted(self.splits)}")
-        return ExampleDataset(self.splits[split], self.spec, mode, self.options.max_pads, self.seed, epoch)
+        return ExampleDataset(
+            self.splits[split], self.spec, mode, self.options.max_pads, self.seed, epoch, ar_fraction
+        )
 
     def collate_fn(self, mode: Mode) -> Any:
-        def fn(items: list[tuple[list[int], list[int]]]) -> Batch:
-            prompts, responses = zip(*items, strict=True)
-            return collate(prompts, responses, self.spec, mode=mode, dense=self.dense)
+        def fn(items: list[Example]) -> Batch:
+            prompts, responses, causal = zip(*items, strict=True)
+            return collate(prompts, responses, self.spec, mode=mode, dense=self.dense,
+                           causal_rows=causal if mode == "planned" and any(causal) else None)
 
         return fn
 
-    def _loader(self, split: str, mode: Mode, epoch: int, train: bool) -> DataLoader:
-        ds = self.dataset(split, mode, epoch)
+    def _loader(self, split: str, mode: Mode, epoch: int, train: bool, ar_fraction: float = 0.0) -> DataLoader:
+        ds = self.dataset(split, mode, epoch, ar_fraction)
         grouped = self.length_grouped or not train
         if grouped and (split, mode) not in self._lengths:  # the same every epoch: pads come later
             self._lengths[(split, mode)] = ds.lengths()
@@ -397,7 +423,8 @@ class PlannedDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         epoch = self._current_epoch()
-        return self._loader("train", self.stage_at(epoch).mode, epoch, train=True)
+        stage = self.stage_at(epoch)
+        return self._loader("train", stage.mode, epoch, train=True, ar_fraction=stage.ar_fraction)
 
     def val_dataloader(self) -> DataLoader:
         """While fitting, the current stage's layout; otherwise (``pdlightning validate``

@@ -108,7 +108,8 @@ def add_noise(
     b = ids.shape[0]
     t = draw_t(b, t_min, t_sampling, generator, ids.device)
     draw = torch.rand(ids.shape, generator=generator, device=ids.device)
-    masked = (batch.roles == Role.CONTENT) & (draw < t[:, None])
+    t = torch.where(batch.causal_rows, torch.ones_like(t), t)  # rows trained autoregressively: no noise
+    masked = (batch.roles == Role.CONTENT) & (draw < t[:, None]) & ~batch.causal_rows[:, None]
     return Noised(input_ids=torch.where(masked, torch.full_like(ids, mask_id), ids), masked=masked, t=t)
 
 
@@ -169,7 +170,7 @@ def objective_loss(
         ar_correct = (ar_logits.argmax(-1) == ar_targets).sum()
     else:
         ar_sum, ar_correct = zero, zero.long()
-    content = batch.roles == Role.CONTENT
+    content = (batch.roles == Role.CONTENT) & ~batch.causal_rows[:, None]  # diffusion targets (causal rows': AR)
     if noised is not None and masked.any():
         m_logits = at[slot[scoring]].float()
         m_targets = batch.input_ids[masked]
