@@ -180,10 +180,8 @@ def mask_from_structure(
     col = torch.arange(t, device=st.span.device)[None, :]
     causal = col <= row
     allowed = causal & (~inside_j | (sync_i > sync_j))  # rules 1, 3, 4
-    if isinstance(causal_spans, torch.Tensor):
-        within = causal | ~causal_spans.to(device=causal.device, dtype=torch.bool)[:, None, None]
-    else:
-        within = causal if causal_spans else torch.ones_like(causal)
+    causal_rows = torch.as_tensor(causal_spans, dtype=torch.bool, device=causal.device).expand(st.span.shape[0])
+    within = causal | ~causal_rows[:, None, None]  # per row: causal, or the whole span
     allowed |= inside_i & (span_i == span_j) & within  # rule 2
     if dense:
         allowed |= inside_i & inside_j & (sync_i == sync_j) & within  # rule 5
