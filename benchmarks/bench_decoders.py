@@ -52,10 +52,12 @@ def main() -> None:
         base = out[f"AR@{key.split('@')[1]}"]
         r["speedup_vs_ar"] = base["latency_s"] / r["latency_s"]
         r["passes_vs_ar"] = r["forward_passes"] / base["forward_passes"]
-    print(f"{'decoder@batch':<16}{'facts':>7}{'latency s':>11}{'speed-up':>10}{'passes':>9}{'vs AR':>7}{'crit path':>11}")
+    print(f"{'decoder@batch':<16}{'facts':>7}{'latency s':>11}{'speed-up':>10}{'passes':>9}{'vs AR':>7}"
+          f"{'crit path':>11}{'fed':>8}")
     for key, r in out.items():
         print(f"{key:<16}{100 * r['fact_accuracy']:>6.1f}%{r['latency_s']:>11.3f}{r['speedup_vs_ar']:>9.2f}x"
-              f"{r['forward_passes']:>9.1f}{r['passes_vs_ar']:>7.2f}{r['critical_path']:>11.1f}")
+              f"{r['forward_passes']:>9.1f}{r['passes_vs_ar']:>7.2f}{r['critical_path']:>11.1f}"
+              f"{r['fed_positions']:>8.0f}")
     print(json.dumps({"bench": "decoders", "results": out}))
 
 

@@ -182,6 +182,7 @@ def show(generation: Any, colour: bool, spans: bool = True) -> str:
     lines.append(
         f"answer: {generation.text}\n"
         f"({c.critical_path} passes on the critical path, {c.forward_passes} in all, "
+        f"{c.fed_positions} positions fed, "
         f"{c.content_tokens} content tokens, {c.seconds:.2f} s)"
     )
     return "\n".join(lines)

@@ -231,6 +231,13 @@ def test_ar_cached_equals_uncached_on_a_real_backbone(logits: str):
     for gens in out.values():
         assert [g.token_ids for g in gens] == ref
     assert out[(True, 3)][0].counters.forward_passes <= 12
+    # positions fed, by brute force: with the cache the prompt once, then one token a pass;
+    # without it the whole sequence every pass
+    if logits == "shifted":
+        for p, cached, uncached in zip(PROMPTS, out[(True, 1)], out[(False, 1)], strict=True):
+            n, passes = len(format_prompt(TOK, p)), cached.counters.forward_passes
+            assert cached.counters.fed_positions == n + passes - 1
+            assert uncached.counters.fed_positions == sum(n + i for i in range(passes))
 
 
 def test_ar_top_k_and_top_p_restrict_sampling():

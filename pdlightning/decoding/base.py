@@ -32,6 +32,8 @@ class Counters:
 
     Attributes:
         forward_passes: Forward passes of the batch this response was decoded in.
+        fed_positions: Positions those passes fed the backbone (batch x new
+            tokens, holes included): the work, where passes count the steps.
         critical_path: Forward passes on this response's sequential path (AR:
             generated tokens; planned diffusion: plan tokens + denoising steps).
         content_tokens: Answer tokens generated (``RowOutput.answer_ids``).
@@ -42,6 +44,7 @@ class Counters:
     """
 
     forward_passes: int = 0
+    fed_positions: int = 0
     critical_path: int = 0
     content_tokens: int = 0
     control_tokens: int = 0
@@ -289,6 +292,7 @@ class DecodingStrategy(ABC):
         n_content = len(answer)
         counters = Counters(
             forward_passes=passes,
+            fed_positions=lm.fed_positions,
             critical_path=row.critical_path,
             content_tokens=n_content,
             # tags, plan entries, topic heads, sync and end: everything generated that is not answer

@@ -62,6 +62,8 @@ class LanguageModel:
 
     Attributes:
         forward_passes: Forward passes since the last :meth:`reset_counter`.
+        fed_positions: Positions fed to the backbone since then (batch x new
+            tokens of every pass, holes included): what the passes computed.
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class LanguageModel:
         self.spec = spec
         self.logits_convention = logits
         self.forward_passes = 0
+        self.fed_positions = 0
         params = inspect.signature(backbone.forward).parameters
         self._logits_to_keep = "logits_to_keep" in params
         # transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns)
@@ -99,6 +102,7 @@ class LanguageModel:
 
     def reset_counter(self) -> None:
         self.forward_passes = 0
+        self.fed_positions = 0
 
     @torch.inference_mode()
     def forward(
@@ -127,6 +131,7 @@ class LanguageModel:
             Logits ``[B, T, V]``, or ``[B, K, V]`` with ``keep``.
         """
         self.forward_passes += 1
+        self.fed_positions += input_ids.numel()
         extra = {"logits_to_keep": keep} if keep is not None and self._logits_to_keep else {}
         out = self.backbone(
             input_ids=input_ids,

@@ -269,6 +269,7 @@ def score_row(lm: LanguageModel, batch_size: int, gens: list[Generation],
         "latency_s": sum(per_response) / n,
         "critical_path": sum(g.counters.critical_path for g in gens) / n,
         "forward_passes": sum(g.counters.forward_passes for g in gens) / n,
+        "fed_positions": sum(g.counters.fed_positions for g in gens) / n,
         "content_tokens": float(tokens.compute()),
         "control_tokens": sum(g.counters.control_tokens for g in gens) / n,
         "pad_tokens": sum(g.counters.pad_tokens for g in gens) / n,
@@ -289,15 +290,17 @@ def add_ratios(results: dict[str, dict[str, Any]], baseline: str) -> None:
 
 def markdown_table(results: dict[str, dict[str, Any]]) -> str:
     head = ("| decoder | model | facts | facts vs other prompts' keys | Δ facts vs AR | latency (s) | speed-up vs AR "
-            "| critical path | ratio vs AR | forward passes | content tok | control tok | pad tok |")
-    lines = [head, "|" + "---|" * 13]
+            "| critical path | ratio vs AR | forward passes | fed positions | content tok | control tok | pad tok |")
+    lines = [head, "|" + "---|" * 14]
     for name, r in results.items():
         other = r.get("fact_accuracy_other_prompts")
+        fed = r.get("fed_positions")  # results.json before 2026-12-05 lack it
         lines.append(
             f"| {name} | {r['model']} | {100 * r['fact_accuracy']:.1f}% "
             f"| {'–' if other is None else f'{100 * other:.1f}%'} | {100 * r['fact_accuracy_minus_ar']:+.1f} "
             f"| {r['latency_s']:.3f} | {r['speedup_vs_ar']:.2f}x | {r['critical_path']:.1f} "
-            f"| {r['critical_path_vs_ar']:.2f} | {r['forward_passes']:.1f} | {r['content_tokens']:.1f} "
+            f"| {r['critical_path_vs_ar']:.2f} | {r['forward_passes']:.1f} | {'–' if fed is None else f'{fed:.0f}'} "
+            f"| {r['content_tokens']:.1f} "
             f"| {r['control_tokens']:.1f} | {r['pad_tokens']:.1f} |"
         )
     return "\n".join(lines)
