@@ -464,6 +464,46 @@ def test_skipping_finished_spans_changes_nothing_but_the_work(step_ratio: float,
     assert all(a <= b for a, b in zip(*fed, strict=True)) and sum(fed[0]) < sum(fed[1])
 
 
+# ----------------------------------------------------------------------------- span cache (approximate)
+
+SPAN_CACHE_SCRIPTS = [entry("a", 1) + entry("b", 4) + entry("c", 2) + [SY], entry("d", 3) + entry("e", 1) + [END]]
+
+
+@pytest.mark.parametrize("cls", [PlannedDiffusion, DensePlannedDiffusion])
+@pytest.mark.parametrize("step_ratio,logits", [(1.0, "shifted"), (0.5, "shifted"), (0.5, "aligned")])
+def test_span_cache_is_exact_when_keys_depend_on_their_own_token_only(cls, step_ratio: float, logits: str):
+    """Held keys and values are stale only through the other positions they saw. The scripted
+    backbone's keys are the (id, position) of their own token, so holding them must change
+    nothing but the positions fed; span words hash exactly the columns each position sees, so a
+    held column missing, seen twice, or left in the cache after its round shows."""
+    kw = {"prompts": PROMPTS, "batch_size": 3, "step_ratio": step_ratio, "cls": cls, "logits": logits}
+    held, held_model = run(SPAN_CACHE_SCRIPTS, span_cache=True, **kw)
+    exact, exact_model = run(SPAN_CACHE_SCRIPTS, **kw)
+    for a, b in zip(held, exact, strict=True):
+        check_well_formed(a)
+        assert a.token_ids == b.token_ids and a.critical_path == b.critical_path
+    assert len(held_model.calls) == len(exact_model.calls)
+    fed = [sum(mask.shape[0] * mask.shape[2] for _, mask in m.calls) for m in (held_model, exact_model)]
+    assert [held[0].counters.fed_positions, exact[0].counters.fed_positions] == fed  # one batch
+    assert fed[0] < fed[1]
+
+
+def test_span_cache_on_a_real_backbone_keeps_rows_apart_and_the_step_count():
+    """With real (stale) keys the tokens may differ from the exact decoder's, but each row still
+    decodes as it would alone, in as many steps, with every planned span filled. (In float64: the
+    random backbone's near-uniform logits let float32 noise between batch shapes flip a token.)"""
+    inner = tiny_qwen().double()
+    kw = {"inner": inner, "prompts": PROMPTS, "step_ratio": 0.5, "span_cache": True}
+    batch, _ = run(SPAN_CACHE_SCRIPTS, batch_size=3, **kw)
+    single, _ = run(SPAN_CACHE_SCRIPTS, batch_size=1, **kw)
+    exact, _ = run(SPAN_CACHE_SCRIPTS, inner=inner, prompts=PROMPTS, step_ratio=0.5, batch_size=3)
+    for a, b, c in zip(batch, single, exact, strict=True):
+        check_well_formed(a)
+        assert a.token_ids == b.token_ids
+        assert a.critical_path == c.critical_path
+        assert span_lengths(a.token_ids) == span_lengths(c.token_ids)
+
+
 def test_dense_mask_differs_only_between_spans_of_a_round():
     _, sparse = run(TWO_ROUNDS, cls=FeedsEverySpan)
     _, dense = run(TWO_ROUNDS, cls=DensePlannedDiffusion)
@@ -494,7 +534,7 @@ def test_registered_and_validated():
     assert isinstance(get_strategy("planned"), PlannedDiffusion)
     assert isinstance(get_strategy("dense_planned", step_ratio=0.5), DensePlannedDiffusion)
     bad_knobs = ({"step_ratio": 0}, {"step_ratio": 1.5}, {"length_scale": 0}, {"threshold": 2.0}, {"order": "best"},
-                 {"max_rounds": 0})
+                 {"max_rounds": 0}, {"span_cache": True, "use_cache": False})
     for bad in bad_knobs:
         with pytest.raises(ValueError):
             PlannedDiffusion(**bad)

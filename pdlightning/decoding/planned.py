@@ -20,6 +20,16 @@ scaffold, then are cropped from the cache; a span that is complete is fed no
 more (sparse variant: nothing else in the round sees it); the filled spans and
 terminator are cached by the next round's first planning pass. A batch thus decodes like its
 rows one by one (temperature 0).
+
+``span_cache`` (off by default; approximate, ours) goes further within a round:
+a span position that is settled (its tag, topic head, or a token committed in
+an earlier step) is fed once more and its keys and values are then *held* in the
+cache for the rest of the round (delayed caching, as dKV-Cache does for
+diffusion LMs), so a pass feeds only the masked positions, the positions whose
+logits score them (``shifted``: the one before each) and the tokens committed
+by the step before. Held keys and values are stale: they were computed while
+other positions of their span were still masked. At the end of the round they
+are dropped, and the next round's first pass recomputes the filled spans exactly.
 """
 
 from __future__ import annotations
@@ -100,6 +110,8 @@ class _Feed:
         lens: ``[B]`` positions fed per row.
         cols: ``[B, C + K]`` logical position of every cache column after the pass, -1 = hole.
         mask: ``[B, 1, K, C + K]`` bool attention mask.
+        lead: ``[B]`` leading fed positions of each row that a cropped pass holds
+            in the cache (``span_cache``; 0 otherwise).
     """
 
     pos: torch.Tensor
@@ -107,6 +119,7 @@ class _Feed:
     lens: torch.Tensor
     cols: torch.Tensor
     mask: torch.Tensor
+    lead: torch.Tensor
 
 
 class _State:
@@ -170,6 +183,10 @@ class PlannedDiffusion(DecodingStrategy):
         max_rounds: Rounds per response; a later ``<sync/>`` becomes EOS.
         use_cache: Reuse keys and values of the prompt, plans and filled spans
             (False recomputes everything each pass: same output, slower).
+        span_cache: Approximate: hold a settled span position's keys and values
+            in the cache for the rest of its round instead of recomputing them
+            each pass (module docstring). Fewer positions per pass; the output
+            may differ from the exact decoder's. Needs ``use_cache``.
         max_new_tokens: Cap on everything generated after the prompt.
         temperature: 0 = greedy (plan and spans).
         top_p: Nucleus mass.
@@ -196,6 +213,7 @@ class PlannedDiffusion(DecodingStrategy):
         max_span_tokens: int = 256,
         max_rounds: int = 8,
         use_cache: bool = True,
+        span_cache: bool = False,
         max_new_tokens: int = 256,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -210,6 +228,8 @@ class PlannedDiffusion(DecodingStrategy):
         if threshold is not None and not 0 <= threshold <= 1:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         check_order(order)
+        if span_cache and not use_cache:
+            raise ValueError("span_cache holds span keys and values in the KV cache: it needs use_cache=True")
         if min(max_plan_tokens, max_spans, max_span_tokens, max_rounds) < 1:
             raise ValueError(
                 "max_plan_tokens, max_spans, max_span_tokens and max_rounds must be >= 1"
@@ -228,6 +248,7 @@ class PlannedDiffusion(DecodingStrategy):
         self.max_span_tokens = max_span_tokens
         self.max_rounds = max_rounds
         self.use_cache = use_cache
+        self.span_cache = span_cache
 
     # ------------------------------------------------------------------ driver
 
@@ -263,6 +284,8 @@ class PlannedDiffusion(DecodingStrategy):
         lengths: torch.Tensor,
         active: torch.Tensor,
         skip: torch.Tensor | None = None,
+        hold: torch.Tensor | None = None,
+        logical: Structure | None = None,
     ) -> _Feed:
         """What a pass over the uncached tail ``x[b, n_cached[b]:lengths[b]]`` of every active row feeds.
 
@@ -274,6 +297,10 @@ class PlannedDiffusion(DecodingStrategy):
             active: Rows fed ``[B]`` bool; the others are all holes.
             skip: ``[B, L]`` bool, tail positions left out (finished spans that
                 nothing fed attends to); only for passes cropped from the cache.
+            hold: ``[B, L]`` bool, fed positions a cropped pass keeps in the cache
+                (``span_cache``): they are fed first, and ``lead`` counts them.
+            logical: ``structure(x, lm.spec, lengths)`` when the caller has it
+                (it does not change while spans are filled).
         """
         n = st.n_cached
         at = torch.arange(x.shape[1], device=x.device)
@@ -283,9 +310,11 @@ class PlannedDiffusion(DecodingStrategy):
         lens = fed.sum(1)
         ar = torch.arange(int(lens.max()), device=x.device)
         valid = ar < lens[:, None]
-        # the fed positions of each row in order, then the others (read as holes)
-        pos = torch.argsort((~fed).to(torch.uint8), dim=1, stable=True)[:, : len(ar)]
-        logical = structure(x, lm.spec, lengths)
+        # the fed positions of each row in order (held ones first), then the others (read as holes)
+        hold = fed & hold if hold is not None else torch.zeros_like(fed)
+        key = 2 * (~fed).to(torch.uint8) + (~hold).to(torch.uint8)
+        pos = torch.argsort(key, dim=1, stable=True)[:, : len(ar)]
+        logical = structure(x, lm.spec, lengths) if logical is None else logical
         cols = torch.cat([st.col_pos, torch.where(valid, pos, -1)], dim=1)
         safe = cols.clamp(min=0)
         physical = Structure(
@@ -295,10 +324,16 @@ class PlannedDiffusion(DecodingStrategy):
             valid=cols >= 0,
         )
         mask = mask_from_structure(physical, dense=self.dense, rows_from=st.col_pos.shape[1])
-        return _Feed(pos=pos, valid=valid, lens=lens, cols=cols, mask=mask)
+        return _Feed(pos=pos, valid=valid, lens=lens, cols=cols, mask=mask, lead=hold.sum(1))
 
     def _forward(
-        self, lm: LanguageModel, st: _State, x: torch.Tensor, feed: _Feed, want: torch.Tensor, keep: bool
+        self,
+        lm: LanguageModel,
+        st: _State,
+        x: torch.Tensor,
+        feed: _Feed,
+        want: torch.Tensor,
+        keep: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One pass as laid out by ``feed``, returning logits only where ``want`` says.
 
@@ -308,7 +343,9 @@ class PlannedDiffusion(DecodingStrategy):
             x: Logical ids ``[B, L]`` (the fed positions are read now).
             feed: From :meth:`_feed` with the same cache state.
             want: ``[B, L]`` bool, logical positions whose logits are needed.
-            keep: Keep the fed positions in the cache (else crop them again).
+            keep: Keep the fed positions in the cache (else crop them again, all but
+                the ``feed.lead`` first of each row, held after the cached prefix:
+                ``n_cached`` is unchanged).
 
         Returns:
             Logits ``[B, K, V]`` and ``slot [B, L]``: the index into ``K`` of a
@@ -333,7 +370,10 @@ class PlannedDiffusion(DecodingStrategy):
             if keep:
                 st.col_pos, st.n_cached = feed.cols, st.n_cached + feed.lens
             else:
-                st.cache.crop(-ids.shape[1])
+                k = int(feed.lead.max())
+                st.cache.crop(k - ids.shape[1])
+                lead = torch.arange(k, device=x.device) < feed.lead[:, None]
+                st.col_pos = torch.cat([st.col_pos, torch.where(lead, feed.pos[:, :k], -1)], dim=1)
         logits = out.logits
         if logits.shape[-1] > len(lm.tokenizer):  # padded embedding rows are not tokens
             logits = logits.clone()
@@ -495,16 +535,28 @@ class PlannedDiffusion(DecodingStrategy):
 
         skipping = self.skip_finished_spans and not self.dense
         finished = finished_spans()
-        feed = self._feed(lm, st, x, lengths, is_mask.any(1))
+        logical = structure(x, spec, lengths)  # committed tokens are never tags
+        feed = self._feed(lm, st, x, lengths, is_mask.any(1), logical=logical)
+        holding = self.span_cache and st.cache is not None
+        c0 = st.col_pos.shape[1]  # cache columns before the round (span_cache holds more after them)
+        held = torch.zeros_like(is_mask)  # span_cache: logical positions whose keys and values are held
         while bool(is_mask.any()):
             active = is_mask.any(1)
-            if skipping:
-                now = finished_spans()
-                if bool((now != finished).any()):
-                    finished = now
-                    feed = self._feed(lm, st, x, lengths, active, skip=finished[slot_of])
             want = torch.zeros_like(is_mask)
             want[:, : want.shape[1] - lm.shift] = is_mask[:, lm.shift :]
+            if skipping:
+                now = finished_spans()
+                if bool((now != finished).any()) and not holding:
+                    feed = self._feed(lm, st, x, lengths, active, skip=now[slot_of], logical=logical)
+                finished = now
+            if holding:  # the fed set changes every pass
+                # settled and no logits needed: never needed again this round
+                skip = held | finished[slot_of] if skipping else held
+                hold = ~is_mask & ~want
+                feed = self._feed(lm, st, x, lengths, active, skip=skip, hold=hold, logical=logical)
+                rows_fed = torch.arange(len(x), device=dev)[:, None].expand_as(feed.pos)
+                lead = torch.arange(feed.pos.shape[1], device=dev) < feed.lead[:, None]
+                held[rows_fed[lead], feed.pos[lead]] = True
             logits, slot = self._forward(lm, st, x, feed, want, keep=False)
             bi, pi = is_mask.nonzero(as_tuple=True)
             lg = logits[bi, slot[bi, pi - lm.shift]]
@@ -523,6 +575,9 @@ class PlannedDiffusion(DecodingStrategy):
             is_mask[bi[commit], pi[commit]] = False
             taken += active.long()
             st.critical += active.long()
+        if holding:  # drop the stale span columns: the next round recomputes the spans exactly
+            st.cache.crop(c0 - st.col_pos.shape[1])
+            st.col_pos = st.col_pos[:, :c0]
         for b in rows:
             seg = slice(len(st.seq[b]), int(lengths[b]))
             self._close_round(
