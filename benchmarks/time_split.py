@@ -92,9 +92,8 @@ def main() -> None:
     missing = [str(p) for p in paths.values() if not (p / "model.safetensors").exists()]
     if missing:
         raise SystemExit(f"no model at {', '.join(missing)}: run `pdlightning demo` first")
-    out = {}
-    for name, model, decoder, args in ROWS:
-        out[name] = split(LanguageModel.from_pretrained(paths[model]), decoder, args, prompts)
+    lms = {model: LanguageModel.from_pretrained(path) for model, path in paths.items()}
+    out = {name: split(lms[model], decoder, args, prompts) for name, model, decoder, args in ROWS}
     print(f"{'decoder':<11}{'s/resp':>8}{'backbone':>10}{'decoder':>9}{'passes':>8}"
           f"{'plan s':>8}{'plan passes':>13}{'denoise s':>11}{'denoise passes':>16}")
     for name, r in out.items():
