@@ -87,6 +87,7 @@ class Scripted(torch.nn.Module):
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
         self.mirror: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # (ids of every column, mask)
+        self.positions: list[torch.Tensor] = []  # position of every column, per call
 
     def forward(
         self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=False
@@ -107,6 +108,7 @@ class Scripted(torch.nn.Module):
             )
             self.mirror[id(cache)] = (kid, kpos)
         self.calls.append((kid.clone(), attention_mask.clone()))
+        self.positions.append(kpos.clone())
         if self.inner is not None:
             logits = (
                 self.inner(
@@ -439,6 +441,57 @@ def test_masks_passed_to_the_backbone_are_the_hybrid_mask(cls):
     for kid, mask in model.calls:
         prefix = kid.shape[1] - mask.shape[2]
         assert torch.equal(mask, extension_mask(kid, SPEC, prefix, dense=cls.dense))
+
+
+def three_scripts() -> dict[int, list[list[int]]]:
+    """A script per prompt of PROMPTS (all of different lengths): 2, 1 and 3 rounds."""
+    lengths = [len(format_prompt(TOK, p)) for p in PROMPTS]
+    assert len(set(lengths)) == 3
+    return {
+        lengths[0]: TWO_ROUNDS,
+        lengths[1]: [entry("a", 1) + entry("b", 4) + entry("c", 2) + [END]],
+        lengths[2]: [entry("x", 3) + [SY], entry("y", 1) + [SY], entry("z", 2) + [END]],
+    }
+
+
+@pytest.mark.parametrize("tagged", [False, True])
+@pytest.mark.parametrize("cls", [PlannedDiffusion, DensePlannedDiffusion])
+def test_batched_masks_are_each_rows_hybrid_mask(cls, tagged: bool):
+    """Rows of different lengths leave holes in the shared cache; every pass's mask is
+    still each row's own hybrid mask, checked by brute force from the columns' positions.
+
+    A row's columns other than its first with position 0 are holes (a hole is fed as
+    position 0): attended by nothing, each seeing only itself. The row's other columns,
+    in position order, are what it has in the cache and feeds; their hybrid mask
+    (:func:`extension_mask` of that sequence) is what each real query must get.
+    (``span_cache`` keeps columns that the decoder reads as holes: not this test's.)
+    ``tagged``: one prompt holds a span, which its first plan must not see (no ``<sync/>`` yet)."""
+    prompts, scripts = PROMPTS, three_scripts()
+    if tagged:
+        prompts = [PROMPTS[0], "a {span_open} dog {span_close} ran".format(**SPEC.strings()), PROMPTS[2]]
+        scripts[len(format_prompt(TOK, prompts[1]))] = scripts[len(format_prompt(TOK, PROMPTS[1]))]
+    _, model = run(scripts, prompts=prompts, batch_size=3, cls=cls, step_ratio=0.5)
+    holes = 0
+    for (kid, mask), kpos in zip(model.calls, model.positions, strict=True):
+        n_cols, n_new = kid.shape[1], mask.shape[2]
+        for b in range(kid.shape[0]):
+            real = kpos[b] > 0
+            real[0] = True
+            order = torch.argsort(kpos[b][real])
+            ids = kid[b][real][order]
+            assert torch.equal(kpos[b][real][order], kpos[b][real].sort().values.unique())  # no position twice
+            rank = torch.full((n_cols,), -1)
+            rank[real.nonzero().squeeze(1)[order]] = torch.arange(len(ids))
+            ref = extension_mask(ids[None], SPEC, 0, dense=cls.dense)[0, 0]
+            for q in range(n_new):
+                col = n_cols - n_new + q
+                if real[col]:
+                    want = real & ref[rank[col]][rank.clamp(min=0)]
+                else:
+                    want = torch.arange(n_cols) == col
+                    holes += 1
+                assert torch.equal(mask[b, 0, q], want), (b, q)
+    assert holes > 0  # the batch did leave holes
 
 
 class FeedsEverySpan(PlannedDiffusion):

@@ -407,23 +407,55 @@ class PlannedDiffusion(DecodingStrategy):
                 continue
             st.plan_start[b] = len(st.seq[b])
             planning.add(b)
+        plain = False  # the round's later passes feed one plan token a row, seeing every cached column
         while planning:
             rows = sorted(planning)
-            active = torch.zeros(len(st.seq), dtype=torch.bool, device=lm.device)
-            active[rows] = True
-            x, lengths = self._pack(lm, st.seq, lm.spec.id("pad"))
             idx = torch.tensor(rows, device=lm.device)
-            want = torch.zeros_like(x, dtype=torch.bool)
-            want[idx, lengths[idx] - 1] = True
-            feed = self._feed(lm, st, x, lengths, active)
-            logits, slot = self._forward(lm, st, x, feed, want, keep=True)
-            toks, _ = sample_tokens(
-                logits[idx, slot[idx, lengths[idx] - 1]], generator, self.temperature, self.top_p, self.top_k
-            )
+            if plain:
+                last = self._plan_pass(lm, st, rows)
+            else:  # the round's first pass feeds the uncached tail: the prompt, or the last round's spans
+                active = torch.zeros(len(st.seq), dtype=torch.bool, device=lm.device)
+                active[rows] = True
+                x, lengths = self._pack(lm, st.seq, lm.spec.id("pad"))
+                want = torch.zeros_like(x, dtype=torch.bool)
+                want[idx, lengths[idx] - 1] = True
+                logical = structure(x, lm.spec, lengths)
+                feed = self._feed(lm, st, x, lengths, active, logical=logical)
+                logits, slot = self._forward(lm, st, x, feed, want, keep=True)
+                last = logits[idx, slot[idx, lengths[idx] - 1]]
+                plain = st.cache is not None and _closed(logical, lengths, idx)
+            toks, _ = sample_tokens(last, generator, self.temperature, self.top_p, self.top_k)
             st.critical[idx] += 1
             for b, tok in zip(rows, toks.tolist(), strict=True):
                 if self._plan_token(lm, st, b, tok):
                     planning.discard(b)
+
+    def _plan_pass(self, lm: LanguageModel, st: _State, rows: list[int]) -> torch.Tensor:
+        """One planning pass feeding each row of ``rows`` its last token, cached; its logits ``[len(rows), V]``.
+
+        The exact shortcut of :meth:`_feed` and :meth:`_forward` for a pass whose fed
+        positions are plan tokens after a :func:`_closed` prefix: such a token is outside
+        every span, and every earlier span ends before a ``<sync/>`` it sees, so the
+        hybrid mask lets it see every cached column (rules 1 and 4). No packing and no
+        structure over the whole sequence: a plan token costs what an AR token does.
+        """
+        dev, b = lm.device, len(st.seq)
+        idx = torch.tensor(rows, device=dev)
+        ids = torch.full((b, 1), lm.spec.id("pad"), dtype=torch.long, device=dev)
+        ids[idx, 0] = torch.tensor([st.seq[r][-1] for r in rows], device=dev)
+        pos = torch.zeros(b, dtype=torch.long, device=dev)
+        pos[idx] = torch.tensor([len(st.seq[r]) - 1 for r in rows], device=dev)
+        active = torch.zeros(b, dtype=torch.bool, device=dev)
+        active[idx] = True
+        # an inactive row's column is a hole that sees only itself, as in _feed
+        keys = torch.cat([(st.col_pos >= 0) & active[:, None], torch.ones(b, 1, dtype=torch.bool, device=dev)], 1)
+        out = lm.forward(ids, keys[:, None, None, :], pos[:, None], past_key_values=st.cache, use_cache=True)
+        st.col_pos = torch.cat([st.col_pos, torch.where(active, pos, -1)[:, None]], dim=1)
+        st.n_cached = st.n_cached + active.long()
+        logits = out.logits[idx, 0]
+        if logits.shape[-1] > len(lm.tokenizer):  # padded embedding rows are not tokens
+            logits[..., len(lm.tokenizer) :] = float("-inf")
+        return logits
 
     def _plan_token(self, lm: LanguageModel, st: _State, b: int, tok: int) -> bool:
         """Take one planned token of row ``b``; True when the row's plan of this round is over."""
@@ -618,6 +650,18 @@ class PlannedDiffusion(DecodingStrategy):
             st.done[b] = True
         else:
             st.rounds[b] += 1
+
+
+def _closed(logical: Structure, lengths: torch.Tensor, rows: torch.Tensor) -> bool:
+    """Whether none of ``rows`` has a span in its last ``<sync/>`` block (then :meth:`PlannedDiffusion._plan_pass` applies).
+
+    True for a planning row after the decoder's own rounds, whose spans a ``<sync/>``
+    always follows; False only for a prompt with a span tag in it, whose plan then
+    takes the general path.
+    """
+    span, syncs = logical.span[rows], logical.syncs[rows]
+    last = syncs.gather(1, (lengths[rows] - 1).clamp(min=0)[:, None])
+    return not bool(((span >= 0) & (syncs == last)).any())
 
 
 def _rank_in_group(scores: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
