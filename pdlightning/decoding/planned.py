@@ -18,8 +18,11 @@ logical position (-1 = hole), so each pass's 4D mask is the logical hybrid mask
 gathered onto the columns. Denoising passes feed the uncached tail and the
 scaffold, then are cropped from the cache; a span that is complete is fed no
 more (sparse variant: nothing else in the round sees it); the filled spans and
-terminator are cached by the next round's first planning pass. A batch thus decodes like its
-rows one by one (temperature 0).
+terminator are cached by the next round's first planning pass. The round's later
+planning passes feed each row its one new plan token, which the hybrid mask lets
+see every cached column: they skip the packing and the mask of the general pass,
+and cost what an AR pass does. A batch thus decodes like its rows one by one
+(temperature 0).
 
 ``span_cache`` (off by default; approximate, ours) goes further within a round:
 a span position that is settled (its tag, topic head, or a token committed in
