@@ -1,0 +1,76 @@
+"""A decoding strategy's module at a git ref against the working tree's, interleaved in one process.
+
+    python benchmarks/ab_strategy.py --ref 29c5878 [--module pdlightning/decoding/planned.py]
+        [--strategy planned] [--model runs/quickstart/models/planned/hf] [--limit 40]
+        [--step_ratios 1 0.5 0.25]
+
+The module's source at ``--ref`` (``git show``) is loaded under another name,
+its strategies registered with an ``_old`` suffix, so both versions decode with
+one model in one process. Each prompt is decoded by both, the order alternating
+prompt by prompt, so a slow spell of the machine lands on both. Prints, per
+step ratio, the seconds per response of each and their ratio, and whether every
+response's tokens are identical. Only the one module differs: the rest of the
+package is the working tree's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import time
+import types
+
+import torch
+
+from pdlightning.decoding import LanguageModel, get_strategy
+from pdlightning.eval.bench import BenchConfig, load_prompts
+
+
+def load_old(ref: str, module: str) -> None:
+    """Execute ``module`` as it was at ``ref``, its ``@register("x")`` names becoming ``x_old``."""
+    src = subprocess.run(["git", "show", f"{ref}:{module}"], capture_output=True, text=True, check=True).stdout
+    src = re.sub(r'@register\("([^"]+)"\)', r'@register("\1_old")', src)
+    mod = types.ModuleType(f"{module}@{ref}")
+    exec(compile(src, f"{module}@{ref}", "exec"), mod.__dict__)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--ref", required=True, help="git ref of the old version")
+    p.add_argument("--module", default="pdlightning/decoding/planned.py")
+    p.add_argument("--strategy", default="planned")
+    p.add_argument("--model", default="runs/quickstart/models/planned/hf")
+    p.add_argument("--limit", type=int, default=40)
+    p.add_argument("--step_ratios", type=float, nargs="+", default=[1.0, 0.5, 0.25])
+    p.add_argument("--max_new_tokens", type=int, default=600)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    load_old(a.ref, a.module)
+    prompts = [r["prompt"] for r in load_prompts(BenchConfig(limit=a.limit))]
+    lm = LanguageModel.from_pretrained(a.model)
+    out = {}
+    for r in a.step_ratios:
+        arms = {v: get_strategy(a.strategy + ("_old" if v == "old" else ""), max_new_tokens=a.max_new_tokens,
+                                step_ratio=r) for v in ("old", "new")}
+        for s in arms.values():
+            s.generate(lm, prompts[:2])  # warm-up, not timed
+        seconds, identical = {"old": 0.0, "new": 0.0}, True
+        for i, prompt in enumerate(prompts):
+            tokens = {}
+            for v in ("old", "new") if i % 2 == 0 else ("new", "old"):
+                t0 = time.perf_counter()
+                tokens[v] = arms[v].generate(lm, [prompt])[0].token_ids
+                seconds[v] += time.perf_counter() - t0
+            identical &= tokens["old"] == tokens["new"]
+        out[r] = {"old_s": seconds["old"] / len(prompts), "new_s": seconds["new"] / len(prompts),
+                  "speedup": seconds["old"] / seconds["new"], "identical": identical}
+        print(f"r = {r}: old {out[r]['old_s']:.3f} s, new {out[r]['new_s']:.3f} s per response, "
+              f"new {out[r]['speedup']:.2f}x as fast, tokens identical: {identical}", flush=True)
+    print(json.dumps({"bench": "ab_strategy", "ref": a.ref, "module": a.module, "limit": a.limit, "results": out}))
+
+
+if __name__ == "__main__":
+    main()
