@@ -10,7 +10,8 @@ one model in one process. Each prompt is decoded by both, the order alternating
 prompt by prompt, so a slow spell of the machine lands on both. Prints, per
 step ratio, the seconds per response of each and their ratio, and whether every
 response's tokens are identical. Only the one module differs: the rest of the
-package is the working tree's.
+package is the working tree's. The strategy must take ``step_ratio`` (planned,
+dense_planned).
 """
 
 from __future__ import annotations

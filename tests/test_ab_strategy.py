@@ -15,6 +15,7 @@ import pytest
 import torch
 from mock_lm import make_mock_lm, planned_script
 
+from pdlightning.decoding import base
 from pdlightning.decoding.base import DecodingStrategy, strategy_class
 from pdlightning.decoding.planned import PlannedDiffusion
 
@@ -36,6 +37,7 @@ def _head_is_tree() -> bool:
 @pytest.mark.skipif(not _head_is_tree(), reason="needs a git checkout whose planned.py is HEAD's")
 def test_old_module_registers_its_own_classes_and_decodes_as_the_tree(monkeypatch):
     monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))  # the _old names leave with the test
     ab.load_old("HEAD", MODULE)
     old = strategy_class("planned_old")
     assert issubclass(old, DecodingStrategy) and old is not PlannedDiffusion
