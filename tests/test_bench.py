@@ -20,6 +20,24 @@ def test_pareto_frontier_by_brute_force():
     assert sorted(pareto(pts)) == ["a", "b", "d"]
 
 
+def test_frontier_spans_rows_and_sweep_points_fastest_first():
+    """A sweep point that beats a row on both axes pushes the row off the frontier;
+    the table lists the brute-force frontier, fastest first, against the baseline."""
+    from pdlightning.eval.bench import markdown_frontier
+
+    def row(lat: float, facts: float, **extra: float) -> dict:
+        return {"latency_s": lat, "fact_accuracy": facts, "critical_path": 10 * lat, **extra}
+
+    results = {"AR": row(1.0, 0.40), "PD": row(2.0, 0.45), "PD-DA": row(1.5, 0.30)}
+    sweeps = {"PD/step_ratio": [row(0.5, 0.39, value=0.25), row(0.8, 0.44, value=0.5), row(1.2, 0.41, value=0.75)]}
+    lines = markdown_frontier(results, sweeps, "AR").splitlines()[2:]
+    names = [line.split(" | ")[0].removeprefix("| ") for line in lines]
+    # AR (1.0 s, 40%) is beaten by r = 0.5 (0.8 s, 44%); r = 0.75 by r = 0.5; PD-DA by both
+    assert names == ["PD/step_ratio=0.25", "PD/step_ratio=0.5", "PD"]
+    assert lines[0] == "| PD/step_ratio=0.25 | 39.0% | -1.0 | 2.00x | 5.0 |"
+    assert lines[2] == "| PD | 45.0% | +5.0 | 0.50x | 20.0 |"
+
+
 def test_facts_against_other_prompts_keys_by_hand_and_on_reference_answers():
     from pdlightning.data import synthetic
     from pdlightning.eval.metrics import fact_accuracy_against_others

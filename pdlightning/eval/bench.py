@@ -325,8 +325,41 @@ def pareto(points: list[tuple[float, float, str]]) -> list[str]:
     return front
 
 
+def sweep_point_name(key: str, value: Any) -> str:
+    """The label of one sweep point: ``PD/step_ratio`` at 0.5 is ``PD/step_ratio=0.5``."""
+    return f"{key}={value}"
+
+
+def all_points(results: dict[str, dict[str, Any]],
+               sweeps: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Every decoded setting by name: the decoder rows, then every sweep point."""
+    points = dict(results)
+    for key, rows in sweeps.items():
+        points.update({sweep_point_name(key, r["value"]): r for r in rows})
+    return points
+
+
+def markdown_frontier(results: dict[str, dict[str, Any]], sweeps: dict[str, list[dict[str, Any]]],
+                      baseline: str) -> str:
+    """The Pareto frontier of latency against facts over every row and sweep point, fastest first.
+
+    It answers "what is the fastest setting within so many points of AR" from the run
+    itself (``Δ facts`` and ``speed-up`` are against the baseline row of the same run)."""
+    points = all_points(results, sweeps)
+    base = results[baseline]
+    front = pareto([(r["latency_s"], r["fact_accuracy"], n) for n, r in points.items()])
+    lines = ["| on the frontier | facts | Δ facts vs AR | speed-up vs AR | critical path |", "|" + "---|" * 5]
+    for name in sorted(front, key=lambda n: points[n]["latency_s"]):
+        r = points[name]
+        lines.append(f"| {name} | {100 * r['fact_accuracy']:.1f}% "
+                     f"| {100 * (r['fact_accuracy'] - base['fact_accuracy']):+.1f} "
+                     f"| {base['latency_s'] / r['latency_s']:.2f}x | {r['critical_path']:.1f} |")
+    return "\n".join(lines)
+
+
 def plot(results: dict[str, dict[str, Any]], sweeps: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
-    """Latency against quality (Pareto frontier marked), critical path per decoder, one plot per sweep."""
+    """Latency against quality (every sweep as a line of small points, the Pareto frontier
+    over rows and sweep points marked), critical path per decoder, one plot per sweep."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -334,11 +367,21 @@ def plot(results: dict[str, dict[str, Any]], sweeps: dict[str, list[dict[str, An
     from matplotlib import ticker
 
     files = []
-    pts = [(r["latency_s"], r["fact_accuracy"], n) for n, r in results.items()]
+    points = all_points(results, sweeps)
+    pts = [(r["latency_s"], r["fact_accuracy"], n) for n, r in points.items()]
     front = set(pareto(pts))
+    colour = {name: f"C{i % 10}" for i, name in enumerate(results)}  # a row and its sweeps share one
     fig, ax = plt.subplots(figsize=(6, 4))
-    for lat, q, name in pts:
-        ax.scatter(lat, 100 * q, s=60, marker="*" if name in front else "o")
+    for key, rows in sweeps.items():
+        ax.plot([r["latency_s"] for r in rows], [100 * r["fact_accuracy"] for r in rows], ".:", lw=1, alpha=0.7,
+                color=colour.get(key.split("/", 1)[0]), label=key)
+        for r in rows:
+            if sweep_point_name(key, r["value"]) in front:
+                ax.annotate(f"{key.split('/', 1)[1]}={r['value']}", (r["latency_s"], 100 * r["fact_accuracy"]),
+                            textcoords="offset points", xytext=(4, -10), fontsize=7)
+    for name, r in results.items():
+        lat, q = r["latency_s"], r["fact_accuracy"]
+        ax.scatter(lat, 100 * q, s=60, marker="*" if name in front else "o", color=colour[name])
         ax.annotate(name, (lat, 100 * q), textcoords="offset points", xytext=(5, 5))
     fl = sorted((lat, q) for lat, q, n in pts if n in front)
     ax.plot([p[0] for p in fl], [100 * p[1] for p in fl], "k--", lw=1, label="Pareto frontier")
@@ -350,7 +393,7 @@ def plot(results: dict[str, dict[str, Any]], sweeps: dict[str, list[dict[str, An
     ax.xaxis.set_minor_formatter(seconds)
     ax.set_xlabel("latency per response (s, log)")
     ax.set_ylabel("fact accuracy (%)")
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     files.append(out / "latency_vs_quality.png")
     fig.savefig(files[-1], dpi=120)
@@ -401,7 +444,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     jobs = [Job(row.name, lms[row.model], row.decoder, row.args) for row in cfg.decoders]
     for sw, value in swept:
         row, args = cfg.sweep_point(sw, value)
-        jobs.append(Job(f"{sw.row}/{sw.knob}={value}", lms[row.model], row.decoder, args))
+        jobs.append(Job(sweep_point_name(f"{sw.row}/{sw.knob}", value), lms[row.model], row.decoder, args))
     evaluated = evaluate_rows(jobs, prompts, cfg)  # every row and sweep point, taking turns
     results: dict[str, dict[str, Any]] = {}
     for row, (res, gens) in zip(cfg.decoders, evaluated[: len(cfg.decoders)], strict=True):
@@ -419,7 +462,9 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
             {"value": value, **res, "speedup_vs_ar": results[cfg.baseline]["latency_s"] / res["latency_s"]})
         print(f"[bench] {key}={value}: facts {100 * res['fact_accuracy']:.1f}%, {res['latency_s']:.3f} s, "
               f"critical path {res['critical_path']:.1f}")
-    table = markdown_table(results) + (f"\n\n{markdown_sweeps(sweeps)}" if sweeps else "")
+    table = markdown_table(results)
+    if sweeps:
+        table += f"\n\n{markdown_sweeps(sweeps)}\n\n{markdown_frontier(results, sweeps, cfg.baseline)}"
     summary = {
         "config": asdict(cfg),
         "machine": {"threads": cfg.threads, "torch": torch.__version__, "cpu_count": os.cpu_count()},
