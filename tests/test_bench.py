@@ -28,14 +28,14 @@ def test_frontier_spans_rows_and_sweep_points_fastest_first():
     def row(lat: float, facts: float, **extra: float) -> dict:
         return {"latency_s": lat, "fact_accuracy": facts, "critical_path": 10 * lat, **extra}
 
-    results = {"AR": row(1.0, 0.40), "PD": row(2.0, 0.45), "PD-DA": row(1.5, 0.30)}
+    results = {"AR": row(1.0, 0.40), "PD": row(2.0, 0.45, chrf=0.5), "PD-DA": row(1.5, 0.30)}
     sweeps = {"PD/step_ratio": [row(0.5, 0.39, value=0.25), row(0.8, 0.44, value=0.5), row(1.2, 0.41, value=0.75)]}
     lines = markdown_frontier(results, sweeps, "AR").splitlines()[2:]
     names = [line.split(" | ")[0].removeprefix("| ") for line in lines]
     # AR (1.0 s, 40%) is beaten by r = 0.5 (0.8 s, 44%); r = 0.75 by r = 0.5; PD-DA by both
     assert names == ["PD/step_ratio=0.25", "PD/step_ratio=0.5", "PD"]
-    assert lines[0] == "| PD/step_ratio=0.25 | 39.0% | -1.0 | 2.00x | 5.0 |"
-    assert lines[2] == "| PD | 45.0% | +5.0 | 0.50x | 20.0 |"
+    assert lines[0] == "| PD/step_ratio=0.25 | 39.0% | -1.0 | – | 2.00x | 5.0 |"
+    assert lines[2] == "| PD | 45.0% | +5.0 | 50.0 | 0.50x | 20.0 |"
 
 
 def test_facts_against_other_prompts_keys_by_hand_and_on_reference_answers():
@@ -135,10 +135,28 @@ def test_sweep_table_lists_every_point_with_its_ratio():
 
     point = {"fact_accuracy": 0.25, "critical_path": 40.3, "latency_s": 0.2, "speedup_vs_ar": 1.5}
     table = markdown_sweeps({"PD/order": [{"value": "random", **point}],
-                             "PD/step_ratio": [{"value": 0.5, **point, "fact_accuracy": 0.125}]})
+                             "PD/step_ratio": [{"value": 0.5, **point, "fact_accuracy": 0.125, "chrf": 0.5}]})
     lines = table.splitlines()
-    assert lines[2:] == ["| PD/order | random | 25.0% | 40.3 | 0.200 | 1.50x |",
-                         "| PD/step_ratio | 0.5 | 12.5% | 40.3 | 0.200 | 1.50x |"]
+    assert lines[2:] == ["| PD/order | random | 25.0% | – | 40.3 | 0.200 | 1.50x |",
+                         "| PD/step_ratio | 0.5 | 12.5% | 50.0 | 40.3 | 0.200 | 1.50x |"]
+
+
+def test_chrf_scores_the_whole_text_against_the_reference_answer():
+    """Facts miss a cut or garbled fact-free sentence; chrF against the reference sees it."""
+    from mock_lm import encode, make_mock_lm
+
+    from pdlightning.eval.bench import Job, evaluate_rows
+
+    reference = "the cat sat on the mat"
+    jobs = [Job(label, make_mock_lm(encode(text)), "autoregressive", {"max_new_tokens": 12})
+            for label, text in (("whole", reference), ("cut", "the cat sat"), ("other", "a dog ran far"))]
+    prompts = [{"prompt": f"prompt {i}", "answer_keys": ["cat"], "family": "f", "response": reference}
+               for i in range(3)]
+    (whole, _), (cut, _), (other, _) = evaluate_rows(jobs, prompts, BenchConfig(warmup=0))
+    assert whole["fact_accuracy"] == cut["fact_accuracy"] == 1.0  # the fact is in both
+    assert whole["chrf"] == pytest.approx(1.0) and 0.2 < cut["chrf"] < 0.9 and other["chrf"] < cut["chrf"]
+    without = [{k: v for k, v in p.items() if k != "response"} for p in prompts]
+    assert evaluate_rows(jobs[:1], without, BenchConfig(warmup=0))[0][0]["chrf"] is None
 
 
 def test_command_line_overrides_and_a_seed_replicate_gets_its_own_directory(

@@ -206,7 +206,7 @@ def load_prompts(cfg: BenchConfig) -> list[dict[str, Any]]:
 
     rows = load_rows("bundled", cfg.cache_dir, seed=cfg.seed)[cfg.split]
     n = min(cfg.limit, len(rows))
-    return [{k: rows[i][k] for k in ("prompt", "answer_keys", "family")} for i in range(n)]
+    return [{k: rows[i][k] for k in ("prompt", "answer_keys", "family", "response")} for i in range(n)]
 
 
 @dataclass
@@ -250,6 +250,8 @@ def evaluate_rows(jobs: list[Job], prompts: list[dict[str, Any]],
 def score_row(lm: LanguageModel, batch_size: int, gens: list[Generation],
               prompts: list[dict[str, Any]]) -> dict[str, Any]:
     """Quality, latency per response and counters of one row's generations."""
+    from torchmetrics.text import CHRFScore
+
     from pdlightning.data.synthetic import count_tokens
 
     facts, validity = FactAccuracy(), PlanValidity()
@@ -257,6 +259,12 @@ def score_row(lm: LanguageModel, batch_size: int, gens: list[Generation],
     answers, keys, families = [g.text for g in gens], [p["answer_keys"] for p in prompts], [p.get("family") for p in prompts]
     facts.update(answers, keys)
     guessed = fact_accuracy_against_others(answers, keys, families) if None not in families else None
+    references = [p.get("response") for p in prompts]
+    chrf = None
+    if None not in references:  # the whole text against the reference answer: sees what facts do not
+        metric = CHRFScore()  # (a cut or garbled fact-free sentence)
+        metric.update(answers, [[r] for r in references])
+        chrf = float(metric.compute())
     validity.update(gens)
     span_error.update(gens, count_tokens)
     tokens.update(gens)
@@ -266,6 +274,7 @@ def score_row(lm: LanguageModel, batch_size: int, gens: list[Generation],
         "fact_accuracy": float(facts.compute()),
         # the same answers against the keys of the other prompts of their family: what guessing scores
         "fact_accuracy_other_prompts": guessed,
+        "chrf": chrf,
         "latency_s": sum(per_response) / n,
         "critical_path": sum(g.counters.critical_path for g in gens) / n,
         "forward_passes": sum(g.counters.forward_passes for g in gens) / n,
@@ -289,16 +298,17 @@ def add_ratios(results: dict[str, dict[str, Any]], baseline: str) -> None:
 
 
 def markdown_table(results: dict[str, dict[str, Any]]) -> str:
-    head = ("| decoder | model | facts | facts vs other prompts' keys | Δ facts vs AR | latency (s) | speed-up vs AR "
-            "| critical path | ratio vs AR | forward passes | fed positions | content tok | control tok | pad tok |")
-    lines = [head, "|" + "---|" * 14]
+    head = ("| decoder | model | facts | facts vs other prompts' keys | Δ facts vs AR | chrF vs reference | latency (s) "
+            "| speed-up vs AR | critical path | ratio vs AR | forward passes | fed positions | content tok | control tok "
+            "| pad tok |")
+    lines = [head, "|" + "---|" * 15]
     for name, r in results.items():
         other = r.get("fact_accuracy_other_prompts")
         fed = r.get("fed_positions")  # results.json before 2026-12-05 lack it
         lines.append(
             f"| {name} | {r['model']} | {100 * r['fact_accuracy']:.1f}% "
             f"| {'–' if other is None else f'{100 * other:.1f}%'} | {100 * r['fact_accuracy_minus_ar']:+.1f} "
-            f"| {r['latency_s']:.3f} | {r['speedup_vs_ar']:.2f}x | {r['critical_path']:.1f} "
+            f"| {_chrf(r)} | {r['latency_s']:.3f} | {r['speedup_vs_ar']:.2f}x | {r['critical_path']:.1f} "
             f"| {r['critical_path_vs_ar']:.2f} | {r['forward_passes']:.1f} | {'–' if fed is None else f'{fed:.0f}'} "
             f"| {r['content_tokens']:.1f} "
             f"| {r['control_tokens']:.1f} | {r['pad_tokens']:.1f} |"
@@ -306,12 +316,17 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _chrf(r: dict[str, Any]) -> str:
+    """A row's chrF for a table (results.json before 2026-12-06 and data without references lack it)."""
+    return "–" if r.get("chrf") is None else f"{100 * r['chrf']:.1f}"
+
+
 def markdown_sweeps(sweeps: dict[str, list[dict[str, Any]]]) -> str:
     """One table of every sweep point: facts, critical path, latency and speed-up against the baseline."""
-    lines = ["| sweep | value | facts | critical path | latency (s) | speed-up vs AR |", "|" + "---|" * 6]
+    lines = ["| sweep | value | facts | chrF | critical path | latency (s) | speed-up vs AR |", "|" + "---|" * 7]
     for key, points in sweeps.items():
         for r in points:
-            lines.append(f"| {key} | {r['value']} | {100 * r['fact_accuracy']:.1f}% | {r['critical_path']:.1f} "
+            lines.append(f"| {key} | {r['value']} | {100 * r['fact_accuracy']:.1f}% | {_chrf(r)} | {r['critical_path']:.1f} "
                          f"| {r['latency_s']:.3f} | {r['speedup_vs_ar']:.2f}x |")
     return "\n".join(lines)
 
@@ -348,11 +363,11 @@ def markdown_frontier(results: dict[str, dict[str, Any]], sweeps: dict[str, list
     points = all_points(results, sweeps)
     base = results[baseline]
     front = pareto([(r["latency_s"], r["fact_accuracy"], n) for n, r in points.items()])
-    lines = ["| on the frontier | facts | Δ facts vs AR | speed-up vs AR | critical path |", "|" + "---|" * 5]
+    lines = ["| on the frontier | facts | Δ facts vs AR | chrF | speed-up vs AR | critical path |", "|" + "---|" * 6]
     for name in sorted(front, key=lambda n: points[n]["latency_s"]):
         r = points[name]
         lines.append(f"| {name} | {100 * r['fact_accuracy']:.1f}% "
-                     f"| {100 * (r['fact_accuracy'] - base['fact_accuracy']):+.1f} "
+                     f"| {100 * (r['fact_accuracy'] - base['fact_accuracy']):+.1f} | {_chrf(r)} "
                      f"| {base['latency_s'] / r['latency_s']:.2f}x | {r['critical_path']:.1f} |")
     return "\n".join(lines)
 
