@@ -285,10 +285,13 @@ def test_demo_ends_with_next_steps_that_reuse_its_models(capsys: pytest.CaptureF
                                                          f" --seed 2 --out_dir {tmp_path}")):
         assert demo.main(args) == 0
         said = capsys.readouterr().out
-        assert "PD runs at 2.00x AR's speed" in said
+        assert "PD runs at 2.00x AR's speed" in said and "(20.0% vs 20.0%).\n" in said  # no chrF in the rows
         assert f"--checkpoint {seen[-1].out_dir}/models/planned/hf --decoder planned" in said
         assert f"pd_knobs.yaml{knobs}   #" in said
         # the knobs bench, as printed, names the very models the demo trained, with their seed: it reuses them
         knob_cfg = config_from_args("bench", None, None,
                                     ["--config", str(ROOT / "configs/bench/pd_knobs.yaml"), *knobs.split()])
         assert (knob_cfg.out_dir, knob_cfg.seed, knob_cfg.models) == (seen[-1].out_dir, seen[-1].seed, seen[-1].models)
+    row["chrf"] = 0.5
+    demo.main([])
+    assert "(20.0% vs 20.0%); chrF against the reference answers 50.0 vs 50.0." in capsys.readouterr().out
