@@ -389,10 +389,10 @@ def plot(results: dict[str, dict[str, Any]], sweeps: dict[str, list[dict[str, An
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, rows in sweeps.items():
         ax.plot([r["latency_s"] for r in rows], [100 * r["fact_accuracy"] for r in rows], ".:", lw=1, alpha=0.7,
-                color=colour.get(key.split("/", 1)[0]), label=key)
+                color=colour.get(key.rpartition("/")[0]), label=key)
         for r in rows:
             if sweep_point_name(key, r["value"]) in front:
-                ax.annotate(f"{key.split('/', 1)[1]}={r['value']}", (r["latency_s"], 100 * r["fact_accuracy"]),
+                ax.annotate(sweep_point_name(key.rpartition("/")[2], r["value"]), (r["latency_s"], 100 * r["fact_accuracy"]),
                             textcoords="offset points", xytext=(4, -10), fontsize=7)
     for name, r in results.items():
         lat, q = r["latency_s"], r["fact_accuracy"]
@@ -425,7 +425,7 @@ def plot(results: dict[str, dict[str, Any]], sweeps: dict[str, list[dict[str, An
         fig, ax1 = plt.subplots(figsize=(5, 3.5))
         xs = [r["value"] for r in rows]
         ax1.plot(xs, [100 * r["fact_accuracy"] for r in rows], "o-", label="fact accuracy")
-        ax1.set_xlabel(key.split("/", 1)[1])
+        ax1.set_xlabel(key.rpartition("/")[2])
         ax1.set_ylabel("fact accuracy (%)")
         ax2 = ax1.twinx()
         ax2.plot(xs, [r["latency_s"] for r in rows], "s--", color="tab:red", label="latency")
@@ -475,7 +475,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         key = f"{sw.row}/{sw.knob}"
         sweeps.setdefault(key, []).append(
             {"value": value, **res, "speedup_vs_ar": results[cfg.baseline]["latency_s"] / res["latency_s"]})
-        print(f"[bench] {key}={value}: facts {100 * res['fact_accuracy']:.1f}%, {res['latency_s']:.3f} s, "
+        print(f"[bench] {sweep_point_name(key, value)}: facts {100 * res['fact_accuracy']:.1f}%, {res['latency_s']:.3f} s, "
               f"critical path {res['critical_path']:.1f}")
     table = markdown_table(results)
     if sweeps:
