@@ -137,8 +137,41 @@ def test_sweep_table_lists_every_point_with_its_ratio():
     table = markdown_sweeps({"PD/order": [{"value": "random", **point}],
                              "PD/step_ratio": [{"value": 0.5, **point, "fact_accuracy": 0.125, "chrf": 0.5}]})
     lines = table.splitlines()
-    assert lines[2:] == ["| PD/order | random | 25.0% | – | 40.3 | 0.200 | 1.50x |",
-                         "| PD/step_ratio | 0.5 | 12.5% | 50.0 | 40.3 | 0.200 | 1.50x |"]
+    assert lines[2:] == ["| PD/order | random | 25.0% | – | – | 40.3 | 0.200 | 1.50x |",
+                         "| PD/step_ratio | 0.5 | 12.5% | – | 50.0 | 40.3 | 0.200 | 1.50x |"]
+
+
+def test_ratios_against_the_baseline_carry_paired_intervals_over_the_prompts():
+    """Δ facts and speed-up come with 95% bootstrap intervals over the same prompts; the
+    baseline's own are the points themselves; rows without per-prompt results get none."""
+    from pdlightning.eval.bench import add_ratios, against_baseline, markdown_table
+
+    def row(found: list[int], seconds: list[float]) -> dict:
+        keys = [4] * len(found)
+        return {"model": "m", "fact_accuracy": sum(found) / sum(keys), "latency_s": sum(seconds) / len(seconds),
+                "critical_path": 10.0, "forward_passes": 10.0, "content_tokens": 5.0, "control_tokens": 0.0,
+                "pad_tokens": 0.0, "per_prompt": {"facts_found": found, "answer_keys": keys, "latency_s": seconds}}
+
+    results = {"AR": row([2, 1, 3, 2, 0, 4, 2, 1], [0.2] * 8),
+               "PD": row([3, 1, 3, 2, 1, 4, 3, 1], [0.1, 0.1, 0.1, 0.1, 0.15, 0.1, 0.1, 0.05])}
+    add_ratios(results, "AR")
+    ar, pd = results["AR"], results["PD"]
+    assert ar["fact_accuracy_minus_ar_ci"] == [0.0, 0.0] and ar["speedup_vs_ar_ci"] == [1.0, 1.0]
+    low, high = pd["fact_accuracy_minus_ar_ci"]
+    # PD finds as many keys as AR or one more on every prompt: Δ per prompt lies in [0, 1/4]
+    assert pd["fact_accuracy_minus_ar"] == pytest.approx(3 / 32)
+    assert 0.0 <= low < 3 / 32 < high <= 0.25
+    low, high = pd["speedup_vs_ar_ci"]
+    assert 4 / 3 <= low < pd["speedup_vs_ar"] < high <= 4.0
+    table = markdown_table(results).splitlines()
+    assert table[0].split(" | ")[4:8] == ["Δ facts vs AR [95% CI]", "chrF vs reference", "latency (s)",
+                                          "speed-up vs AR [95% CI]"]
+    cells = table[3].split(" | ")
+    ci = pd["fact_accuracy_minus_ar_ci"]
+    assert cells[4] == f"+9.4 [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" and cells[7].startswith("2.00x [")
+    assert table[2].split(" | ")[4] == "+0.0 [+0.0, +0.0]"
+    old = {k: v for k, v in pd.items() if k != "per_prompt"}  # results.json before 2026-12-06
+    assert against_baseline(old, ar)["fact_accuracy_minus_ar_ci"] is None
 
 
 def test_chrf_scores_the_whole_text_against_the_reference_answer():
@@ -209,6 +242,9 @@ def test_bench_smoke_writes_results_with_ratios_against_ar(tmp_path: Path):
         assert r["n"] == 3 and 0.0 <= r["fact_accuracy"] <= 1.0
         assert r["fact_accuracy_other_prompts"] is None or 0.0 <= r["fact_accuracy_other_prompts"] <= 1.0
         assert r["critical_path_vs_ar"] == pytest.approx(r["critical_path"] / results["AR"]["critical_path"])
+        low, high = r["fact_accuracy_minus_ar_ci"]  # 3 prompts: an interval all the same
+        assert -1.0 <= low <= high <= 1.0 and r["speedup_vs_ar_ci"][0] <= r["speedup_vs_ar_ci"][1]
+        assert len(r["per_prompt"]["facts_found"]) == 3
     assert results["diffusion"]["critical_path"] == pytest.approx(32)  # steps = budget
     assert [row["value"] for row in summary["sweeps"]["PD/step_ratio"]] == [0.5, 1.0]
     assert "| PD |" in (tmp_path / "results.md").read_text()
@@ -295,3 +331,6 @@ def test_demo_ends_with_next_steps_that_reuse_its_models(capsys: pytest.CaptureF
     row["chrf"] = 0.5
     demo.main([])
     assert "(20.0% vs 20.0%); chrF against the reference answers 50.0 vs 50.0." in capsys.readouterr().out
+    row["fact_accuracy_minus_ar_ci"] = [-0.052, 0.031]
+    demo.main([])
+    assert "(20.0% vs 20.0%; 95% interval over the prompts -5.2 to +3.1); chrF" in capsys.readouterr().out

@@ -24,10 +24,14 @@ from tqdm import tqdm
 from pdlightning.decoding import Generation, LanguageModel, get_strategy
 from pdlightning.eval.metrics import (
     FactAccuracy,
+    FactAccuracyDelta,
     PlanValidity,
     SpanLengthError,
+    SpeedUp,
     TokensPerAnswer,
     fact_accuracy_against_others,
+    facts_found,
+    paired_bootstrap,
 )
 
 
@@ -270,6 +274,7 @@ def score_row(lm: LanguageModel, batch_size: int, gens: list[Generation],
     tokens.update(gens)
     n = len(gens)
     per_response = [g.counters.seconds / max(1, batch_size) for g in gens]
+    found = [facts_found(a, k) for a, k in zip(answers, keys, strict=True)]
     return {
         "fact_accuracy": float(facts.compute()),
         # the same answers against the keys of the other prompts of their family: what guessing scores
@@ -285,21 +290,42 @@ def score_row(lm: LanguageModel, batch_size: int, gens: list[Generation],
         "plan_validity": float(validity.compute()) if any(g.plan is not None for g in gens) else None,
         "span_length_error": float(span_error.compute()) if any(g.plan for g in gens) else None,
         "n": n,
+        # what the paired confidence intervals against the baseline resample (add_ratios)
+        "per_prompt": {"facts_found": found, "answer_keys": [len(k) for k in keys], "latency_s": per_response},
     }
 
 
-def add_ratios(results: dict[str, dict[str, Any]], baseline: str) -> None:
-    """Speed-up and critical-path ratio of every row against the baseline row of this run."""
+def add_ratios(results: dict[str, dict[str, Any]], baseline: str, seed: int = 0) -> None:
+    """Speed-up, critical-path ratio and Δ facts of every row against the baseline row of this run."""
     base = results[baseline]
     for r in results.values():
-        r["speedup_vs_ar"] = base["latency_s"] / r["latency_s"]
-        r["critical_path_vs_ar"] = r["critical_path"] / base["critical_path"]
-        r["fact_accuracy_minus_ar"] = r["fact_accuracy"] - base["fact_accuracy"]
+        r.update(against_baseline(r, base, seed))
+
+
+def against_baseline(r: dict[str, Any], base: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+    """One row's ratios against the baseline row of the same run, with 95% paired bootstrap
+    intervals (over the prompts) of its Δ facts and speed-up when both rows hold per-prompt
+    results (``None`` otherwise, as in results.json before 2026-12-06)."""
+    out = {
+        "speedup_vs_ar": base["latency_s"] / r["latency_s"],
+        "critical_path_vs_ar": r["critical_path"] / base["critical_path"],
+        "fact_accuracy_minus_ar": r["fact_accuracy"] - base["fact_accuracy"],
+        "fact_accuracy_minus_ar_ci": None,
+        "speedup_vs_ar_ci": None,
+    }
+    mine, theirs = r.get("per_prompt"), base.get("per_prompt")
+    if mine and theirs and len(mine["facts_found"]) == len(theirs["facts_found"]) > 1:
+        t = {k: torch.tensor(v, dtype=torch.float64) for k, v in mine.items()}
+        b = {k: torch.tensor(v, dtype=torch.float64) for k, v in theirs.items()}
+        out["fact_accuracy_minus_ar_ci"] = list(paired_bootstrap(
+            FactAccuracyDelta(), t["facts_found"], b["facts_found"], t["answer_keys"], seed=seed))
+        out["speedup_vs_ar_ci"] = list(paired_bootstrap(SpeedUp(), t["latency_s"], b["latency_s"], seed=seed))
+    return out
 
 
 def markdown_table(results: dict[str, dict[str, Any]]) -> str:
-    head = ("| decoder | model | facts | facts vs other prompts' keys | Δ facts vs AR | chrF vs reference | latency (s) "
-            "| speed-up vs AR | critical path | ratio vs AR | forward passes | fed positions | content tok | control tok "
+    head = ("| decoder | model | facts | facts vs other prompts' keys | Δ facts vs AR [95% CI] | chrF vs reference "
+            "| latency (s) | speed-up vs AR [95% CI] | critical path | ratio vs AR | forward passes | fed positions | content tok | control tok "
             "| pad tok |")
     lines = [head, "|" + "---|" * 15]
     for name, r in results.items():
@@ -307,13 +333,30 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
         fed = r.get("fed_positions")  # results.json before 2026-12-05 lack it
         lines.append(
             f"| {name} | {r['model']} | {100 * r['fact_accuracy']:.1f}% "
-            f"| {'–' if other is None else f'{100 * other:.1f}%'} | {100 * r['fact_accuracy_minus_ar']:+.1f} "
-            f"| {_chrf(r)} | {r['latency_s']:.3f} | {r['speedup_vs_ar']:.2f}x | {r['critical_path']:.1f} "
+            f"| {'–' if other is None else f'{100 * other:.1f}%'} | {_delta(r)} "
+            f"| {_chrf(r)} | {r['latency_s']:.3f} | {_speedup(r)} | {r['critical_path']:.1f} "
             f"| {r['critical_path_vs_ar']:.2f} | {r['forward_passes']:.1f} | {'–' if fed is None else f'{fed:.0f}'} "
             f"| {r['content_tokens']:.1f} "
             f"| {r['control_tokens']:.1f} | {r['pad_tokens']:.1f} |"
         )
     return "\n".join(lines)
+
+
+def _interval(ci: list[float] | None, fmt: str, scale: float = 1.0) -> str:
+    """`` [low, high]`` of a 95% interval for a table cell; empty where there is none."""
+    return "" if ci is None else f" [{scale * ci[0]:{fmt}}, {scale * ci[1]:{fmt}}]"
+
+
+def _delta(r: dict[str, Any]) -> str:
+    """A row's Δ facts against the baseline, in points, with its interval."""
+    if r.get("fact_accuracy_minus_ar") is None:
+        return "–"
+    return f"{100 * r['fact_accuracy_minus_ar']:+.1f}{_interval(r.get('fact_accuracy_minus_ar_ci'), '+.1f', 100)}"
+
+
+def _speedup(r: dict[str, Any]) -> str:
+    """A row's speed-up against the baseline with its interval."""
+    return f"{r['speedup_vs_ar']:.2f}x{_interval(r.get('speedup_vs_ar_ci'), '.2f')}"
 
 
 def _chrf(r: dict[str, Any]) -> str:
@@ -323,11 +366,12 @@ def _chrf(r: dict[str, Any]) -> str:
 
 def markdown_sweeps(sweeps: dict[str, list[dict[str, Any]]]) -> str:
     """One table of every sweep point: facts, critical path, latency and speed-up against the baseline."""
-    lines = ["| sweep | value | facts | chrF | critical path | latency (s) | speed-up vs AR |", "|" + "---|" * 7]
+    lines = ["| sweep | value | facts | Δ facts vs AR [95% CI] | chrF | critical path | latency (s) "
+             "| speed-up vs AR [95% CI] |", "|" + "---|" * 8]
     for key, points in sweeps.items():
         for r in points:
-            lines.append(f"| {key} | {r['value']} | {100 * r['fact_accuracy']:.1f}% | {_chrf(r)} | {r['critical_path']:.1f} "
-                         f"| {r['latency_s']:.3f} | {r['speedup_vs_ar']:.2f}x |")
+            lines.append(f"| {key} | {r['value']} | {100 * r['fact_accuracy']:.1f}% | {_delta(r)} | {_chrf(r)} "
+                         f"| {r['critical_path']:.1f} | {r['latency_s']:.3f} | {_speedup(r)} |")
     return "\n".join(lines)
 
 
@@ -363,11 +407,12 @@ def markdown_frontier(results: dict[str, dict[str, Any]], sweeps: dict[str, list
     points = all_points(results, sweeps)
     base = results[baseline]
     front = pareto([(r["latency_s"], r["fact_accuracy"], n) for n, r in points.items()])
-    lines = ["| on the frontier | facts | Δ facts vs AR | chrF | speed-up vs AR | critical path |", "|" + "---|" * 6]
+    lines = ["| on the frontier | facts | Δ facts vs AR [95% CI] | chrF | speed-up vs AR | critical path |", "|" + "---|" * 6]
     for name in sorted(front, key=lambda n: points[n]["latency_s"]):
         r = points[name]
         lines.append(f"| {name} | {100 * r['fact_accuracy']:.1f}% "
-                     f"| {100 * (r['fact_accuracy'] - base['fact_accuracy']):+.1f} | {_chrf(r)} "
+                     f"| {100 * (r['fact_accuracy'] - base['fact_accuracy']):+.1f}"
+                     f"{_interval(r.get('fact_accuracy_minus_ar_ci'), '+.1f', 100)} | {_chrf(r)} "
                      f"| {base['latency_s'] / r['latency_s']:.2f}x | {r['critical_path']:.1f} |")
     return "\n".join(lines)
 
@@ -469,12 +514,12 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                 f.write(json.dumps({**g.to_dict(), "answer_keys": p["answer_keys"]}) + "\n")
         print(f"[bench] {row.name}: facts {100 * res['fact_accuracy']:.1f}%, {res['latency_s']:.3f} s, "
               f"critical path {res['critical_path']:.1f}")
-    add_ratios(results, cfg.baseline)
+    add_ratios(results, cfg.baseline, cfg.seed)
     sweeps: dict[str, list[dict[str, Any]]] = {}
     for (sw, value), (res, _) in zip(swept, evaluated[len(cfg.decoders):], strict=True):
         key = f"{sw.row}/{sw.knob}"
         sweeps.setdefault(key, []).append(
-            {"value": value, **res, "speedup_vs_ar": results[cfg.baseline]["latency_s"] / res["latency_s"]})
+            {"value": value, **res, **against_baseline(res, results[cfg.baseline], cfg.seed)})
         print(f"[bench] {sweep_point_name(key, value)}: facts {100 * res['fact_accuracy']:.1f}%, {res['latency_s']:.3f} s, "
               f"critical path {res['critical_path']:.1f}")
     table = markdown_table(results)

@@ -17,13 +17,19 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"PD runs at {pd['speedup_vs_ar']:.2f}x AR's speed with {pd['critical_path_vs_ar']:.2f}x its critical path "
         f"and {100 * pd['fact_accuracy_minus_ar']:+.1f} points of fact accuracy "
-        f"({100 * pd['fact_accuracy']:.1f}% vs {100 * ar['fact_accuracy']:.1f}%)"
+        f"({100 * pd['fact_accuracy']:.1f}% vs {100 * ar['fact_accuracy']:.1f}%{_interval(pd)})"
         + (f"; chrF against the reference answers {100 * pd['chrf']:.1f} vs {100 * ar['chrf']:.1f}."
            if pd.get("chrf") is not None and ar.get("chrf") is not None else ".")
     )
     if "planned" in cfg.models:  # the quick start's models (another --config may name its own)
         print(next_steps(cfg.out_dir, cfg.seed))
     return 0
+
+
+def _interval(pd: dict) -> str:
+    """The 95% interval of PD's Δ facts over the prompts, for the closing sentence."""
+    ci = pd.get("fact_accuracy_minus_ar_ci")
+    return "" if ci is None else f"; 95% interval over the prompts {100 * ci[0]:+.1f} to {100 * ci[1]:+.1f}"
 
 
 def next_steps(out_dir: str, seed: int = 0) -> str:
