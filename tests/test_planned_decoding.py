@@ -9,6 +9,7 @@ from the real model and its real KV cache).
 from __future__ import annotations
 
 import inspect
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -248,6 +249,78 @@ def test_step_ratio_reduces_steps_and_threshold_holds_back_unsure_positions():
     assert half.critical_path < held.critical_path <= base.critical_path
 
 
+def scripted_content_passes(g, prompt_len: int, step_ratio: float, parallel_threshold: float) -> int:
+    """Brute-force reference: denoising passes of each round for :class:`Scripted` content.
+
+    A scripted span position is sure with probability ``p(L)``, ``L = 2 + 4 * (q % 3)``
+    at its scoring position ``q`` (one position back: ``shifted``), whatever it sees.
+    Each pass, every span commits its ``ceil(masks left / steps left)`` most sure
+    positions and every position at least ``parallel_threshold`` sure.
+    """
+    forbidden = 7  # planned._FORBIDDEN_IN_SPANS
+
+    def p(q: int) -> float:
+        e = math.exp(2.0 + 4.0 * (q % 3))
+        return e / (e + len(TOK) - 1 - forbidden)
+
+    rounds: list[list[list[float]]] = [[]]
+    inside = head = False
+    for j, t in enumerate(g.token_ids):
+        if t == SO:
+            inside, head = True, True
+            rounds[-1].append([])
+        elif t == PC and inside:
+            head = False
+        elif t == SC:
+            inside = False
+        elif t == SY:
+            rounds.append([])
+        elif inside and not head:
+            rounds[-1][-1].append(p(prompt_len + j - 1))
+    passes = 0
+    for spans in rounds:
+        if not spans:
+            continue
+        steps, taken = max(1, math.ceil(step_ratio * max(len(s) for s in spans))), 0
+        left_in = [sorted(s, reverse=True) for s in spans]
+        while any(left_in):
+            left = max(steps - taken, 1)
+            for k, rem in enumerate(left_in):
+                quota = -(-len(rem) // left)
+                sure = sum(c >= parallel_threshold for c in rem)
+                left_in[k] = rem[max(quota, sure):]
+            taken += 1
+            passes += 1
+    return passes
+
+
+def test_parallel_threshold_commits_sure_positions_early():
+    plan_tokens = len(TWO_ROUNDS[0]) + len(TWO_ROUNDS[1])
+    (base,), _ = run(TWO_ROUNDS)
+    (none_sure,), _ = run(TWO_ROUNDS, parallel_threshold=1.0)  # the scripted content is at most 0.99 sure
+    (some_sure,), _ = run(TWO_ROUNDS, parallel_threshold=0.5)
+    (all_sure,), _ = run(TWO_ROUNDS, parallel_threshold=1e-9)
+    for g in (none_sure, some_sure, all_sure):
+        check_well_formed(g)
+        assert span_lengths(g.token_ids) == [4, 2, 6]
+    assert none_sure.token_ids == base.token_ids and none_sure.critical_path == base.critical_path
+    assert all_sure.critical_path == plan_tokens + 2  # one pass per round
+    assert all_sure.critical_path < some_sure.critical_path < base.critical_path
+
+
+@given(
+    parallel_threshold=st.floats(1e-6, 1.0),
+    step_ratio=st.sampled_from([0.25, 0.5, 0.75, 1.0]),
+    prompt=st.sampled_from(PROMPTS),
+)
+@settings(max_examples=25, deadline=None)
+def test_parallel_threshold_passes_match_a_brute_force_count(parallel_threshold, step_ratio, prompt):
+    plan_tokens = len(TWO_ROUNDS[0]) + len(TWO_ROUNDS[1])
+    (g,), model = run(TWO_ROUNDS, prompts=(prompt,), step_ratio=step_ratio, parallel_threshold=parallel_threshold)
+    prompt_len = model.calls[0][0].shape[1]  # the first pass feeds the prompt alone
+    assert g.critical_path - plan_tokens == scripted_content_passes(g, prompt_len, step_ratio, parallel_threshold)
+
+
 def test_length_scale_scales_spans():
     (g,), _ = run(TWO_ROUNDS, length_scale=1.5)
     assert span_lengths(g.token_ids) == [6, 3, 9]
@@ -412,8 +485,8 @@ def test_cached_equals_uncached_on_a_real_backbone(cls, logits):
         assert span_lengths(a.token_ids) == [4, 2, 6]
 
 
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_batch_equals_one_by_one(use_cache: bool):
+@pytest.mark.parametrize(("use_cache", "parallel_threshold"), [(True, None), (False, None), (True, 0.05)])
+def test_batch_equals_one_by_one(use_cache: bool, parallel_threshold: float | None):
     lengths = [len(format_prompt(TOK, p)) for p in PROMPTS]
     assert len(set(lengths)) == 3
     scripts = {
@@ -421,18 +494,19 @@ def test_batch_equals_one_by_one(use_cache: bool):
         lengths[1]: [entry("a", 1) + entry("b", 4) + entry("c", 2) + [END]],
         lengths[2]: [entry("x", 3) + [SY], entry("y", 1) + [SY], entry("z", 2) + [END]],
     }
-    batch, _ = run(
-        scripts, prompts=PROMPTS, inner=INNER, batch_size=3, use_cache=use_cache, step_ratio=0.5
-    )
-    single, _ = run(
-        scripts, prompts=PROMPTS, inner=INNER, batch_size=1, use_cache=use_cache, step_ratio=0.5
-    )
+    kw = {"prompts": PROMPTS, "inner": INNER, "use_cache": use_cache, "step_ratio": 0.5,
+          "parallel_threshold": parallel_threshold}
+    batch, _ = run(scripts, batch_size=3, **kw)
+    single, _ = run(scripts, batch_size=1, **kw)
     for a, b in zip(batch, single, strict=True):
         check_well_formed(a)
         assert a.token_ids == b.token_ids
         assert a.critical_path == b.critical_path
     assert [len(g.spans) for g in batch] == [3, 3, 3]
     assert batch[0].counters.forward_passes < sum(g.counters.forward_passes for g in single)
+    if parallel_threshold is not None:  # the random model is that sure of some positions: fewer steps
+        assert sum(g.critical_path for g in single) < sum(
+            g.critical_path for g in run(scripts, batch_size=1, **{**kw, "parallel_threshold": None})[0])
 
 
 @pytest.mark.parametrize("cls", [PlannedDiffusion, DensePlannedDiffusion])
@@ -587,6 +661,7 @@ def test_registered_and_validated():
     assert isinstance(get_strategy("planned"), PlannedDiffusion)
     assert isinstance(get_strategy("dense_planned", step_ratio=0.5), DensePlannedDiffusion)
     bad_knobs = ({"step_ratio": 0}, {"step_ratio": 1.5}, {"length_scale": 0}, {"threshold": 2.0}, {"order": "best"},
+                 {"parallel_threshold": 0}, {"parallel_threshold": 1.5},
                  {"max_rounds": 0}, {"span_cache": True, "use_cache": False})
     for bad in bad_knobs:
         with pytest.raises(ValueError):

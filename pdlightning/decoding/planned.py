@@ -160,7 +160,8 @@ class PlannedDiffusion(DecodingStrategy):
     Each denoising step is one pass over the spans of every unfinished row;
     a span commits ``ceil(masks left / steps left)`` positions (at least its
     top-1), so it is complete within ``ceil(r * longest span)`` steps (more
-    when ``threshold`` holds unsure positions back). An
+    when ``threshold`` holds unsure positions back, fewer when
+    ``parallel_threshold`` commits sure ones early). An
     imperfect plan is repaired, never fatal (``RowOutput.repairs``): bad
     entries are skipped, lengths clamped, and a plan closed by force (runaway,
     span token while planning, length cap) ends the response after its spans.
@@ -171,6 +172,11 @@ class PlannedDiffusion(DecodingStrategy):
             sampled token has probability below ``tau`` (its top-1 always
             commits, so every span finishes; more steps, higher quality);
             None or 0 = off.
+        parallel_threshold: Fast-dLLM's rule inside the spans: besides its quota, a
+            span commits every masked position whose sampled token has
+            probability at least this, so a span the model is sure of finishes
+            in fewer passes than ``r`` allows (``r`` still bounds them: the
+            quota is recomputed from the masks left). None = off.
         length_scale: Multiplies every planned length.
         topic_heads: Open each span with its topic words and ``</topic>``
             (models trained here: True; the authors' checkpoints: False).
@@ -207,6 +213,7 @@ class PlannedDiffusion(DecodingStrategy):
         self,
         step_ratio: float = 1.0,
         threshold: float | None = None,
+        parallel_threshold: float | None = None,
         length_scale: float = 1.0,
         topic_heads: bool = True,
         sync: bool = True,
@@ -230,6 +237,8 @@ class PlannedDiffusion(DecodingStrategy):
             raise ValueError(f"length_scale must be a number > 0, got {length_scale}")
         if threshold is not None and not 0 <= threshold <= 1:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        if parallel_threshold is not None and not 0 < parallel_threshold <= 1:
+            raise ValueError(f"parallel_threshold must be in (0, 1] or None, got {parallel_threshold}")
         check_order(order)
         if span_cache and not use_cache:
             raise ValueError("span_cache holds span keys and values in the KV cache: it needs use_cache=True")
@@ -239,6 +248,7 @@ class PlannedDiffusion(DecodingStrategy):
             )
         self.step_ratio = step_ratio
         self.threshold = threshold or None
+        self.parallel_threshold = parallel_threshold
         #: Called as ``on_spans(row, entries, spans)`` when a round's spans are complete
         #: (``row`` indexes the current batch), e.g. to print spans as they finish.
         self.on_spans: Callable[[int, list[PlanEntry], list[str]], None] | None = None
@@ -604,8 +614,12 @@ class PlannedDiffusion(DecodingStrategy):
             quota = torch.div(remaining + left - 1, left, rounding_mode="floor")
             rank = _rank_in_group(scores, grp)
             commit = rank < quota[grp]
-            if self.threshold is not None:  # hold back unsure positions; each span's top-1 always commits
-                commit &= (top_probability(probs, tokens) >= self.threshold) | (rank == 0)
+            if self.threshold is not None or self.parallel_threshold is not None:
+                p = top_probability(probs, tokens)
+                if self.threshold is not None:  # hold back unsure positions; each span's top-1 always commits
+                    commit &= (p >= self.threshold) | (rank == 0)
+                if self.parallel_threshold is not None:  # and commit every sure one early
+                    commit |= p >= self.parallel_threshold
             x[bi[commit], pi[commit]] = tokens[commit]
             is_mask[bi[commit], pi[commit]] = False
             taken += active.long()
