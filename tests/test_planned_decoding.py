@@ -20,7 +20,7 @@ from transformers import Qwen2Config
 
 from pdlightning.decoding import LanguageModel, get_strategy
 from pdlightning.decoding.dense_planned import DensePlannedDiffusion
-from pdlightning.decoding.planned import PlannedDiffusion, parse_plan
+from pdlightning.decoding.planned import _FORBIDDEN_IN_SPANS, PlannedDiffusion, parse_plan
 from pdlightning.layout import entry_ids
 from pdlightning.masks import extension_mask, structure
 from pdlightning.model.backbone import TINY_QWEN2, build_backbone
@@ -257,11 +257,9 @@ def scripted_content_passes(g, prompt_len: int, step_ratio: float, parallel_thre
     Each pass, every span commits its ``ceil(masks left / steps left)`` most sure
     positions and every position at least ``parallel_threshold`` sure.
     """
-    forbidden = 7  # planned._FORBIDDEN_IN_SPANS
-
-    def p(q: int) -> float:
+    def p(q: int) -> float:  # the word's logit against zeros, the tokens banned in spans excluded
         e = math.exp(2.0 + 4.0 * (q % 3))
-        return e / (e + len(TOK) - 1 - forbidden)
+        return e / (e + len(TOK) - 1 - len(_FORBIDDEN_IN_SPANS))
 
     rounds: list[list[list[float]]] = [[]]
     inside = head = False
