@@ -49,6 +49,31 @@ def entry(topic: str, n: int) -> list[int]:
 TWO_ROUNDS = [entry("name", 2) + entry("age", 1) + [SY], entry("summary", 3) + [END]]
 
 
+def plan_passes(rounds: list[list[int]], drafts: bool = True) -> int:
+    """Brute-force reference: planning passes that write ``rounds`` (terminators included).
+
+    A round's first pass is the general one (no drafts). Each later pass feeds the
+    last token and the grammar's guesses: after ``</topic>``, ``<topic>``; after a
+    length (an open entry whose text ends in a digit), ``</topic> <topic>``. It writes
+    one token, plus one more for each leading guess the script agrees with.
+    """
+    passes = 0
+    for tokens in rounds:
+        i, passes = 1, passes + 1
+        while i < len(tokens):
+            done, guess = tokens[:i], []
+            opened = max((j for j, t in enumerate(done) if t == PO), default=-1)
+            if done[-1] == PC:
+                guess = [PO]
+            elif opened >= 0 and PC not in done[opened:] and TOK.decode(done[opened + 1 :]).strip()[-1:].isdigit():
+                guess = [PC, PO]
+            k = 0
+            while drafts and k < len(guess) and i + k < len(tokens) and tokens[i + k] == guess[k]:
+                k += 1
+            i, passes = i + 1 + k, passes + 1
+    return passes
+
+
 class Scripted(torch.nn.Module):
     """Backbone with the HF call signature whose plan tokens follow a script.
 
@@ -230,13 +255,14 @@ def test_scripted_two_round_plan_fills_every_span(topic_heads: bool):
     # plan, spans, terminator: the plan stream skips the spans
     r1 = len(TWO_ROUNDS[0]) - 1
     assert g.token_ids[:r1] == TWO_ROUNDS[0][:-1] and g.token_ids[r1] == SO
-    # critical path: every plan token (terminators included) + ceil(r * longest span) per round
-    assert g.critical_path == len(TWO_ROUNDS[0]) + len(TWO_ROUNDS[1]) + 4 + 6
+    # critical path: the planning passes + ceil(r * longest span) per round
+    assert g.critical_path == plan_passes(TWO_ROUNDS) + 4 + 6
+    assert plan_passes(TWO_ROUNDS) == len(TWO_ROUNDS[0]) + len(TWO_ROUNDS[1]) - 4  # the drafts write 4 tags
     assert g.counters.forward_passes == g.critical_path  # one row: every pass is on its path
 
 
 def test_step_ratio_reduces_steps_and_threshold_holds_back_unsure_positions():
-    plan_tokens = len(TWO_ROUNDS[0]) + len(TWO_ROUNDS[1])
+    plan_tokens = plan_passes(TWO_ROUNDS)
     (base,), _ = run(TWO_ROUNDS)
     (half,), _ = run(TWO_ROUNDS, step_ratio=0.5)
     (held,), _ = run(TWO_ROUNDS, step_ratio=0.5, threshold=1.0)  # nothing is that sure: top-1 per span only
@@ -293,7 +319,7 @@ def scripted_content_passes(g, prompt_len: int, step_ratio: float, parallel_thre
 
 
 def test_parallel_threshold_commits_sure_positions_early():
-    plan_tokens = len(TWO_ROUNDS[0]) + len(TWO_ROUNDS[1])
+    plan_tokens = plan_passes(TWO_ROUNDS)
     (base,), _ = run(TWO_ROUNDS)
     (none_sure,), _ = run(TWO_ROUNDS, parallel_threshold=1.0)  # the scripted content is at most 0.99 sure
     (some_sure,), _ = run(TWO_ROUNDS, parallel_threshold=0.5)
@@ -313,7 +339,7 @@ def test_parallel_threshold_commits_sure_positions_early():
 )
 @settings(max_examples=25, deadline=None)
 def test_parallel_threshold_passes_match_a_brute_force_count(parallel_threshold, step_ratio, prompt):
-    plan_tokens = len(TWO_ROUNDS[0]) + len(TWO_ROUNDS[1])
+    plan_tokens = plan_passes(TWO_ROUNDS)
     (g,), model = run(TWO_ROUNDS, prompts=(prompt,), step_ratio=step_ratio, parallel_threshold=parallel_threshold)
     prompt_len = model.calls[0][0].shape[1]  # the first pass feeds the prompt alone
     assert g.critical_path - plan_tokens == scripted_content_passes(g, prompt_len, step_ratio, parallel_threshold)
@@ -332,7 +358,7 @@ def test_sync_false_plans_once():
     check_well_formed(g)
     assert SY not in g.token_ids and g.token_ids[-1] == END
     assert [e.topic for e in g.plan] == ["name", "age"]
-    assert g.critical_path == len(TWO_ROUNDS[0]) + 4
+    assert g.critical_path == plan_passes(TWO_ROUNDS[:1]) + 4
 
 
 def test_unmasking_orders_fill_every_span():
@@ -475,7 +501,7 @@ def test_parse_plan_reads_entries():
 )
 def test_cached_equals_uncached_on_a_real_backbone(cls, logits):
     kw = {"inner": INNER, "cls": cls, "logits": logits, "prompts": PROMPTS[:2], "batch_size": 2}
-    cached, _ = run(TWO_ROUNDS, use_cache=True, **kw)
+    cached, _ = run(TWO_ROUNDS, use_cache=True, draft_plan_tags=False, **kw)  # drafts need the cache
     uncached, _ = run(TWO_ROUNDS, use_cache=False, **kw)
     for a, b in zip(cached, uncached, strict=True):
         check_well_formed(a)
@@ -507,12 +533,69 @@ def test_batch_equals_one_by_one(use_cache: bool, parallel_threshold: float | No
             g.critical_path for g in run(scripts, batch_size=1, **{**kw, "parallel_threshold": None})[0])
 
 
+def test_plan_drafts_write_the_same_plan_in_fewer_passes():
+    """Rows of a batch draft different tags; each keeps its own, on a real backbone and cache."""
+    scripts = three_scripts()
+    kw = {"prompts": PROMPTS, "inner": INNER, "step_ratio": 0.5, "batch_size": 3}
+    on, _ = run(scripts, **kw)
+    off, _ = run(scripts, draft_plan_tags=False, **kw)
+    for a, b, prompt in zip(on, off, PROMPTS, strict=True):
+        check_well_formed(a)
+        assert a.token_ids == b.token_ids and a.repairs == b.repairs == []
+        script = scripts[len(format_prompt(TOK, prompt))]
+        assert b.critical_path - a.critical_path == plan_passes(script, drafts=False) - plan_passes(script) > 0
+    assert on[0].counters.forward_passes < off[0].counters.forward_passes
+
+
+PLAN_CHUNKS = [
+    [PO], [PC], [SY], [END], [SO], WORDS[:1], entry("cat", 1), entry("dog", 7), entry("a", 10) + [PO],
+    *([t] for t in TOK.encode("1 7 0", add_special_tokens=False)),
+]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    script=st.lists(st.lists(st.sampled_from(PLAN_CHUNKS), max_size=6).map(lambda c: sum(c, [])),
+                    min_size=1, max_size=3),
+    filler=st.sampled_from([None, PC, PO, SY]),
+    dense=st.booleans(),
+)
+def test_plan_drafts_change_nothing_but_the_passes(script, filler, dense):
+    """Any plan, entries well formed or not, caps hit or not: a draft the model does
+    not draw leaves no trace (a hole it could see would shift the scripted plan)."""
+    kw = {"filler": filler, "cls": DensePlannedDiffusion if dense else PlannedDiffusion,
+          "max_new_tokens": 60, "max_plan_tokens": 16, "max_rounds": 3}
+    (on,), _ = run(script, **kw)
+    (off,), _ = run(script, draft_plan_tags=False, **kw)
+    assert on.token_ids == off.token_ids and on.repairs == off.repairs
+    assert on.critical_path <= off.critical_path
+
+
 @pytest.mark.parametrize("cls", [PlannedDiffusion, DensePlannedDiffusion])
 def test_masks_passed_to_the_backbone_are_the_hybrid_mask(cls):
-    _, model = run(TWO_ROUNDS, cls=cls)
-    for kid, mask in model.calls:
-        prefix = kid.shape[1] - mask.shape[2]
-        assert torch.equal(mask, extension_mask(kid, SPEC, prefix, dense=cls.dense))
+    (g,), model = run(TWO_ROUNDS, cls=cls)
+    final = model.calls[0][0][0].tolist() + g.token_ids  # the first pass feeds the prompt
+    holes = 0
+    for (kid, mask), kpos in zip(model.calls, model.positions, strict=True):
+        real = real_columns(kid[0], kpos[0], mask.shape[2], final)
+        prefix = int(real[: kid.shape[1] - mask.shape[2]].sum())
+        ref = extension_mask(kid[:, real], SPEC, prefix, dense=cls.dense)
+        assert torch.equal(mask[..., real], ref) and not mask[..., ~real].any()
+        holes += int((~real).sum())
+    assert holes > 0  # drafted tags the script did not follow
+
+
+def real_columns(kid: torch.Tensor, kpos: torch.Tensor, n_new: int, final: list[int]) -> torch.Tensor:
+    """Which cache columns of one row hold a position of its sequence (the others are holes).
+
+    A cached column is real when it holds the token that the row's ``final`` sequence
+    (prompt and response) has at its position; a hole does not: a column fed as
+    position 0 by a row with less to feed, or a drafted plan tag the model did not
+    draw. The columns fed by the pass are real unless fed as position 0."""
+    cached = len(kpos) - n_new
+    real = torch.tensor([bool(kid[c] == final[kpos[c]]) for c in range(cached)] + (kpos[cached:] > 0).tolist())
+    real[0] = True
+    return real
 
 
 def three_scripts() -> dict[int, list[list[int]]]:
@@ -532,9 +615,9 @@ def test_batched_masks_are_each_rows_hybrid_mask(cls, tagged: bool):
     """Rows of different lengths leave holes in the shared cache; every pass's mask is
     still each row's own hybrid mask, checked by brute force from the columns' positions.
 
-    A row's columns other than its first with position 0 are holes (a hole is fed as
-    position 0): attended by nothing, each seeing only itself. The row's other columns,
-    in position order, are what it has in the cache and feeds; their hybrid mask
+    A row's holes (:func:`real_columns`) are attended by nothing; a hole fed in a
+    pass sees only itself. The row's other columns, in position order, are what
+    it has in the cache and feeds; their hybrid mask
     (:func:`extension_mask` of that sequence) is what each real query must get.
     (``span_cache`` keeps columns that the decoder reads as holes: not this test's.)
     ``tagged``: one prompt holds a span, which its first plan must not see (no ``<sync/>`` yet)."""
@@ -542,13 +625,13 @@ def test_batched_masks_are_each_rows_hybrid_mask(cls, tagged: bool):
     if tagged:
         prompts = [PROMPTS[0], "a {span_open} dog {span_close} ran".format(**SPEC.strings()), PROMPTS[2]]
         scripts[len(format_prompt(TOK, prompts[1]))] = scripts[len(format_prompt(TOK, PROMPTS[1]))]
-    _, model = run(scripts, prompts=prompts, batch_size=3, cls=cls, step_ratio=0.5)
+    gens, model = run(scripts, prompts=prompts, batch_size=3, cls=cls, step_ratio=0.5)
+    finals = [format_prompt(TOK, p) + g.token_ids for p, g in zip(prompts, gens, strict=True)]
     holes = 0
     for (kid, mask), kpos in zip(model.calls, model.positions, strict=True):
         n_cols, n_new = kid.shape[1], mask.shape[2]
         for b in range(kid.shape[0]):
-            real = kpos[b] > 0
-            real[0] = True
+            real = real_columns(kid[b], kpos[b], n_new, finals[b])
             order = torch.argsort(kpos[b][real])
             ids = kid[b][real][order]
             assert torch.equal(kpos[b][real][order], kpos[b][real].sort().values.unique())  # no position twice

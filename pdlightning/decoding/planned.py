@@ -24,6 +24,15 @@ see every cached column: they skip the packing and the mask of the general pass,
 and cost what an AR pass does. A batch thus decodes like its rows one by one
 (temperature 0).
 
+``draft_plan_tags`` (on by default; exact, ours): the plan's grammar often knows
+the next tokens (``</topic>`` after an entry's length, ``<topic>`` after that), so
+such a pass also feeds them as drafts, each seeing the token before it. The
+token drawn after the last real token is compared with the first draft; if they
+agree the draft is kept and the token drawn after it is compared with the next,
+and so on (speculative decoding with the grammar as drafter). Drafts that are not
+kept stay holes in the cache. The plan is the one a pass per token writes, in
+fewer passes.
+
 ``span_cache`` (off by default; approximate, ours) goes further within a round:
 a span position that is settled (its tag, topic head, or a token committed in
 an earlier step) is fed once more and its keys and values are then *held* in the
@@ -131,7 +140,7 @@ class _State:
     Attributes:
         n_cached: ``[B]`` logical positions held by the cache (a prefix of ``seq``).
         col_pos: ``[B, C]`` logical position of each cache column, -1 = hole.
-        critical: ``[B]`` plan tokens decoded + denoising steps.
+        critical: ``[B]`` planning passes + denoising steps.
     """
 
     def __init__(self, prompts: list[list[int]], cache: Any, device: torch.device) -> None:
@@ -196,6 +205,11 @@ class PlannedDiffusion(DecodingStrategy):
             in the cache for the rest of its round instead of recomputing them
             each pass (module docstring). Fewer positions per pass; the output
             may differ from the exact decoder's. Needs ``use_cache``.
+        draft_plan_tags: Feed the plan tags that the plan grammar predicts
+            (``</topic>`` after an entry's length, then ``<topic>``) in the same
+            pass as the token before them, and keep each one the model then
+            draws (speculative decoding, exact: the same plan in fewer passes;
+            ours; with ``use_cache`` only). False = one plan token per pass.
         max_new_tokens: Cap on everything generated after the prompt.
         temperature: 0 = greedy (plan and spans).
         top_p: Nucleus mass.
@@ -224,6 +238,7 @@ class PlannedDiffusion(DecodingStrategy):
         max_rounds: int = 8,
         use_cache: bool = True,
         span_cache: bool = False,
+        draft_plan_tags: bool = True,
         max_new_tokens: int = 256,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -262,6 +277,7 @@ class PlannedDiffusion(DecodingStrategy):
         self.max_rounds = max_rounds
         self.use_cache = use_cache
         self.span_cache = span_cache
+        self.draft_plan_tags = draft_plan_tags
 
     # ------------------------------------------------------------------ driver
 
@@ -425,7 +441,8 @@ class PlannedDiffusion(DecodingStrategy):
             rows = sorted(planning)
             idx = torch.tensor(rows, device=lm.device)
             if plain:
-                last = self._plan_pass(lm, st, rows)
+                drafts = [self._draft_plan(lm, st, b) if self.draft_plan_tags else [] for b in rows]
+                logits = self._plan_pass(lm, st, rows, drafts)
             else:  # the round's first pass feeds the uncached tail: the prompt, or the last round's spans
                 active = torch.zeros(len(st.seq), dtype=torch.bool, device=lm.device)
                 active[rows] = True
@@ -434,41 +451,83 @@ class PlannedDiffusion(DecodingStrategy):
                 want[idx, lengths[idx] - 1] = True
                 logical = structure(x, lm.spec, lengths)
                 feed = self._feed(lm, st, x, lengths, active, logical=logical)
-                logits, slot = self._forward(lm, st, x, feed, want, keep=True)
-                last = logits[idx, slot[idx, lengths[idx] - 1]]
+                out, slot = self._forward(lm, st, x, feed, want, keep=True)
+                logits = out[idx, slot[idx, lengths[idx] - 1]][:, None]
+                drafts = [[] for _ in rows]
                 plain = st.cache is not None and _closed(logical, lengths, idx)
-            toks, _ = sample_tokens(last, generator, self.temperature, self.top_p, self.top_k)
+            toks, _ = sample_tokens(logits, generator, self.temperature, self.top_p, self.top_k)
             st.critical[idx] += 1
-            for b, tok in zip(rows, toks.tolist(), strict=True):
-                if self._plan_token(lm, st, b, tok):
-                    planning.discard(b)
+            for i, (b, row_toks) in enumerate(zip(rows, toks.tolist(), strict=True)):
+                accepted = 0
+                for tok in row_toks[: len(drafts[i]) + 1]:
+                    if self._plan_token(lm, st, b, tok):
+                        planning.discard(b)
+                    if b not in planning or accepted == len(drafts[i]) or tok != drafts[i][accepted]:
+                        break
+                    accepted += 1  # the draft was fed after the token before it: its logits are next
+                if accepted:
+                    self._keep_drafts(st, b, logits.shape[1], accepted)
 
-    def _plan_pass(self, lm: LanguageModel, st: _State, rows: list[int]) -> torch.Tensor:
-        """One planning pass feeding each row of ``rows`` its last token, cached; its logits ``[len(rows), V]``.
+    def _draft_plan(self, lm: LanguageModel, st: _State, b: int) -> list[int]:
+        """Plan tags that the grammar predicts after row ``b``'s last token (``draft_plan_tags``).
+
+        After a plan entry's length, ``</topic>`` and then ``<topic>`` (another entry);
+        after ``</topic>``, ``<topic>``. A guess only: :meth:`_plan_round` keeps a draft
+        token when the model draws it (speculative decoding with a grammar for drafter).
+        """
+        po, pc = lm.spec.id("plan_open"), lm.spec.id("plan_close")
+        plan = st.seq[b][st.plan_start[b] :]
+        if plan and plan[-1] == pc:
+            return [po]
+        opened = len(plan) - 1 - plan[::-1].index(po) if po in plan else -1
+        body = plan[opened + 1 :]
+        if opened < 0 or not body or pc in body or _ENTRY.match(lm.tokenizer.decode(body)) is None:
+            return []
+        return [pc, po]
+
+    def _plan_pass(self, lm: LanguageModel, st: _State, rows: list[int], drafts: list[list[int]]) -> torch.Tensor:
+        """One planning pass feeding each row of ``rows`` its last token and its drafts, cached.
 
         The exact shortcut of :meth:`_feed` and :meth:`_forward` for a pass whose fed
         positions are plan tokens after a :func:`_closed` prefix: such a token is outside
         every span, and every earlier span ends before a ``<sync/>`` it sees, so the
-        hybrid mask lets it see every cached column (rules 1 and 4). No packing and no
-        structure over the whole sequence: a plan token costs what an AR token does.
+        hybrid mask lets it see every cached column and the tokens fed before it
+        (rules 1 and 4). No packing and no structure over the whole sequence: a plan
+        token costs what an AR token does.
+
+        Draft columns enter the cache as holes; :meth:`_keep_drafts` makes the
+        accepted ones real. Returns logits ``[len(rows), 1 + max drafts, V]``:
+        ``[:, j]`` is the next-token distribution after the row's ``j``-th draft.
         """
-        dev, b = lm.device, len(st.seq)
+        dev, b, k = lm.device, len(st.seq), 1 + max(map(len, drafts))
         idx = torch.tensor(rows, device=dev)
-        ids = torch.full((b, 1), lm.spec.id("pad"), dtype=torch.long, device=dev)
-        ids[idx, 0] = torch.tensor([st.seq[r][-1] for r in rows], device=dev)
-        pos = torch.zeros(b, dtype=torch.long, device=dev)
-        pos[idx] = torch.tensor([len(st.seq[r]) - 1 for r in rows], device=dev)
-        active = torch.zeros(b, dtype=torch.bool, device=dev)
-        active[idx] = True
-        # an inactive row's column is a hole that sees only itself, as in _feed
-        keys = torch.cat([(st.col_pos >= 0) & active[:, None], torch.ones(b, 1, dtype=torch.bool, device=dev)], 1)
-        out = lm.forward(ids, keys[:, None, None, :], pos[:, None], past_key_values=st.cache, use_cache=True)
-        st.col_pos = torch.cat([st.col_pos, torch.where(active, pos, -1)[:, None]], dim=1)
-        st.n_cached = st.n_cached + active.long()
-        logits = out.logits[idx, 0]
+        ids = torch.full((b, k), lm.spec.id("pad"), dtype=torch.long, device=dev)
+        pos = torch.zeros(b, k, dtype=torch.long, device=dev)
+        fed = torch.zeros(b, k, dtype=torch.bool, device=dev)
+        for r, d in zip(rows, drafts, strict=True):
+            n = len(st.seq[r]) - 1
+            ids[r, : 1 + len(d)] = torch.tensor([st.seq[r][-1], *d], device=dev)
+            pos[r, : 1 + len(d)] = torch.arange(n, n + 1 + len(d), device=dev)
+            fed[r, : 1 + len(d)] = True
+        # a fed column sees the row's cache and the fed columns up to itself; a hole only itself
+        new = torch.tril(torch.ones(k, k, dtype=torch.bool, device=dev)) & fed[:, None, :] & fed[:, :, None]
+        new |= torch.eye(k, dtype=torch.bool, device=dev)
+        old = (st.col_pos >= 0)[:, None, :] & fed[:, :, None]
+        out = lm.forward(ids, torch.cat([old, new], 2)[:, None], pos, past_key_values=st.cache, use_cache=True)
+        real = fed & (torch.arange(k, device=dev) == 0)  # drafts stay holes until accepted
+        st.col_pos = torch.cat([st.col_pos, torch.where(real, pos, -1)], dim=1)
+        st.n_cached = st.n_cached + real.sum(1)
+        logits = out.logits[idx]
         if logits.shape[-1] > len(lm.tokenizer):  # padded embedding rows are not tokens
             logits[..., len(lm.tokenizer) :] = float("-inf")
         return logits
+
+    @staticmethod
+    def _keep_drafts(st: _State, b: int, width: int, accepted: int) -> None:
+        """Make the first ``accepted`` drafts of row ``b`` real (the last pass fed ``width`` columns)."""
+        start, first = st.col_pos.shape[1] - width + 1, int(st.n_cached[b])
+        st.col_pos[b, start : start + accepted] = torch.arange(first, first + accepted, device=st.col_pos.device)
+        st.n_cached[b] += accepted
 
     def _plan_token(self, lm: LanguageModel, st: _State, b: int, tok: int) -> bool:
         """Take one planned token of row ``b``; True when the row's plan of this round is over."""
