@@ -25,8 +25,9 @@ and cost what an AR pass does. A batch thus decodes like its rows one by one
 (temperature 0).
 
 ``draft_plan_tags`` (on by default; exact, ours): the plan's grammar often knows
-the next tokens (``</topic>`` after an entry's length, ``<topic>`` after that), so
-such a pass also feeds them as drafts, each seeing the token before it. The
+the next tokens (``<topic>`` to open a round, ``</topic>`` after an entry's length,
+``<topic>`` after that), so a planning pass also feeds them as drafts, each seeing
+the token before it. The
 token drawn after the last real token is compared with the first draft; if they
 agree the draft is kept and the token drawn after it is compared with the next,
 and so on (speculative decoding with the grammar as drafter). Drafts that are not
@@ -206,7 +207,8 @@ class PlannedDiffusion(DecodingStrategy):
             each pass (module docstring). Fewer positions per pass; the output
             may differ from the exact decoder's. Needs ``use_cache``.
         draft_plan_tags: Feed the plan tags that the plan grammar predicts
-            (``</topic>`` after an entry's length, then ``<topic>``) in the same
+            (``<topic>`` to open a round or after ``</topic>``, ``</topic>``
+            after an entry's length) in the same
             pass as the token before them, and keep each one the model then
             draws (speculative decoding, exact: the same plan in fewer passes;
             ours; with ``use_cache`` only). False = one plan token per pass.
@@ -440,21 +442,14 @@ class PlannedDiffusion(DecodingStrategy):
         while planning:
             rows = sorted(planning)
             idx = torch.tensor(rows, device=lm.device)
+            drafting = self.draft_plan_tags and st.cache is not None
+            drafts = [self._draft_plan(lm, st, b) if drafting else [] for b in rows]
+            width = st.col_pos.shape[1]
             if plain:
-                drafts = [self._draft_plan(lm, st, b) if self.draft_plan_tags else [] for b in rows]
                 logits = self._plan_pass(lm, st, rows, drafts)
+                cols = [list(range(width + 1, width + 1 + len(d))) for d in drafts]
             else:  # the round's first pass feeds the uncached tail: the prompt, or the last round's spans
-                active = torch.zeros(len(st.seq), dtype=torch.bool, device=lm.device)
-                active[rows] = True
-                x, lengths = self._pack(lm, st.seq, lm.spec.id("pad"))
-                want = torch.zeros_like(x, dtype=torch.bool)
-                want[idx, lengths[idx] - 1] = True
-                logical = structure(x, lm.spec, lengths)
-                feed = self._feed(lm, st, x, lengths, active, logical=logical)
-                out, slot = self._forward(lm, st, x, feed, want, keep=True)
-                logits = out[idx, slot[idx, lengths[idx] - 1]][:, None]
-                drafts = [[] for _ in rows]
-                plain = st.cache is not None and _closed(logical, lengths, idx)
+                logits, plain, cols = self._first_plan_pass(lm, st, rows, drafts)
             toks, _ = sample_tokens(logits, generator, self.temperature, self.top_p, self.top_k)
             st.critical[idx] += 1
             for i, (b, row_toks) in enumerate(zip(rows, toks.tolist(), strict=True)):
@@ -465,19 +460,57 @@ class PlannedDiffusion(DecodingStrategy):
                     if b not in planning or accepted == len(drafts[i]) or tok != drafts[i][accepted]:
                         break
                     accepted += 1  # the draft was fed after the token before it: its logits are next
-                if accepted:
-                    self._keep_drafts(st, b, logits.shape[1], accepted)
+                # the kept drafts' columns become real: they hold the positions after the cached prefix
+                kept = torch.tensor(cols[i][:accepted], dtype=torch.long, device=lm.device)
+                st.col_pos[b, kept] = st.n_cached[b] + torch.arange(accepted, device=lm.device)
+                st.n_cached[b] += accepted
+
+    def _first_plan_pass(
+        self, lm: LanguageModel, st: _State, rows: list[int], drafts: list[list[int]]
+    ) -> tuple[torch.Tensor, bool, list[list[int]]]:
+        """A round's first planning pass: every row's uncached tail (the prompt, or the last
+        round's spans and terminator) and its drafts, through the general :meth:`_feed`.
+
+        Returns the logits ``[len(rows), 1 + max drafts, V]`` (as :meth:`_plan_pass`),
+        whether the round's later passes may take :meth:`_plan_pass`, and each row's
+        draft columns, left as holes in the cache.
+        """
+        dev = lm.device
+        idx = torch.tensor(rows, device=dev)
+        for b, d in zip(rows, drafts, strict=True):
+            st.seq[b].extend(d)
+        active = torch.zeros(len(st.seq), dtype=torch.bool, device=dev)
+        active[rows] = True
+        x, lengths = self._pack(lm, st.seq, lm.spec.id("pad"))
+        k = 1 + max(map(len, drafts))
+        n_drafts = torch.tensor([len(d) for d in drafts], device=dev)
+        # logits after the last real token and after each draft (a row with fewer repeats its last)
+        at = (lengths[idx] - 1 - n_drafts)[:, None] + torch.minimum(torch.arange(k, device=dev), n_drafts[:, None])
+        want = torch.zeros_like(x, dtype=torch.bool)
+        want[idx[:, None].expand_as(at), at] = True
+        logical = structure(x, lm.spec, lengths)
+        feed = self._feed(lm, st, x, lengths, active, logical=logical)
+        out, slot = self._forward(lm, st, x, feed, want, keep=True)
+        logits = out[idx[:, None], slot[idx[:, None], at]]
+        cols: list[list[int]] = []
+        for b, d in zip(rows, drafts, strict=True):
+            del st.seq[b][len(st.seq[b]) - len(d) :]
+            col = ((st.col_pos[b] >= len(st.seq[b])).nonzero().squeeze(1)).tolist()
+            st.col_pos[b, col] = -1
+            st.n_cached[b] -= len(d)
+            cols.append(col)
+        return logits, st.cache is not None and _closed(logical, lengths, idx), cols
 
     def _draft_plan(self, lm: LanguageModel, st: _State, b: int) -> list[int]:
         """Plan tags that the grammar predicts after row ``b``'s last token (``draft_plan_tags``).
 
         After a plan entry's length, ``</topic>`` and then ``<topic>`` (another entry);
-        after ``</topic>``, ``<topic>``. A guess only: :meth:`_plan_round` keeps a draft
+        after ``</topic>`` or at the start of a round, ``<topic>``. A guess only: :meth:`_plan_round` keeps a draft
         token when the model draws it (speculative decoding with a grammar for drafter).
         """
         po, pc = lm.spec.id("plan_open"), lm.spec.id("plan_close")
         plan = st.seq[b][st.plan_start[b] :]
-        if plan and plan[-1] == pc:
+        if not plan or plan[-1] == pc:
             return [po]
         opened = len(plan) - 1 - plan[::-1].index(po) if po in plan else -1
         body = plan[opened + 1 :]
@@ -495,8 +528,8 @@ class PlannedDiffusion(DecodingStrategy):
         (rules 1 and 4). No packing and no structure over the whole sequence: a plan
         token costs what an AR token does.
 
-        Draft columns enter the cache as holes; :meth:`_keep_drafts` makes the
-        accepted ones real. Returns logits ``[len(rows), 1 + max drafts, V]``:
+        Draft columns enter the cache as holes; :meth:`_plan_round` makes the
+        kept ones real. Returns logits ``[len(rows), 1 + max drafts, V]``:
         ``[:, j]`` is the next-token distribution after the row's ``j``-th draft.
         """
         dev, b, k = lm.device, len(st.seq), 1 + max(map(len, drafts))
@@ -521,13 +554,6 @@ class PlannedDiffusion(DecodingStrategy):
         if logits.shape[-1] > len(lm.tokenizer):  # padded embedding rows are not tokens
             logits[..., len(lm.tokenizer) :] = float("-inf")
         return logits
-
-    @staticmethod
-    def _keep_drafts(st: _State, b: int, width: int, accepted: int) -> None:
-        """Make the first ``accepted`` drafts of row ``b`` real (the last pass fed ``width`` columns)."""
-        start, first = st.col_pos.shape[1] - width + 1, int(st.n_cached[b])
-        st.col_pos[b, start : start + accepted] = torch.arange(first, first + accepted, device=st.col_pos.device)
-        st.n_cached[b] += accepted
 
     def _plan_token(self, lm: LanguageModel, st: _State, b: int, tok: int) -> bool:
         """Take one planned token of row ``b``; True when the row's plan of this round is over."""
