@@ -24,15 +24,16 @@ see every cached column: they skip the packing and the mask of the general pass,
 and cost what an AR pass does. A batch thus decodes like its rows one by one
 (temperature 0).
 
-``draft_plan_tags`` (on by default; exact, ours): the plan's grammar often knows
+``draft_plan_tags`` (on by default; ours): the plan's grammar often knows
 the next tokens (``<topic>`` to open a round, ``</topic>`` after an entry's length,
 ``<topic>`` after that), so a planning pass also feeds them as drafts, each seeing
-the token before it. The
-token drawn after the last real token is compared with the first draft; if they
-agree the draft is kept and the token drawn after it is compared with the next,
-and so on (speculative decoding with the grammar as drafter). Drafts that are not
-kept stay holes in the cache. The plan is the one a pass per token writes, in
-fewer passes.
+the token before it. The token drawn after the last real token is compared with
+the first draft; if they agree the draft is kept and the token drawn after it is
+compared with the next, and so on (speculative decoding with the grammar as
+drafter). Drafts that are not kept stay holes in the cache. The response is the
+one a pass per plan token writes, in fewer passes, up to floating-point rounding:
+keys computed in a wider pass may round differently, which can flip a near-tie,
+as caching itself can (1 answer of 300 on the tiny model, at r = 0.25).
 
 ``span_cache`` (off by default; approximate, ours) goes further within a round:
 a span position that is settled (its tag, topic head, or a token committed in
@@ -208,10 +209,10 @@ class PlannedDiffusion(DecodingStrategy):
             may differ from the exact decoder's. Needs ``use_cache``.
         draft_plan_tags: Feed the plan tags that the plan grammar predicts
             (``<topic>`` to open a round or after ``</topic>``, ``</topic>``
-            after an entry's length) in the same
-            pass as the token before them, and keep each one the model then
-            draws (speculative decoding, exact: the same plan in fewer passes;
-            ours; with ``use_cache`` only). False = one plan token per pass.
+            after an entry's length) in the same pass as the token before them,
+            and keep each one the model then draws (ours; speculative decoding:
+            the same response in fewer passes, up to floating-point rounding;
+            with ``use_cache`` only). False = one plan token per pass.
         max_new_tokens: Cap on everything generated after the prompt.
         temperature: 0 = greedy (plan and spans).
         top_p: Nucleus mass.
