@@ -506,8 +506,9 @@ class PlannedDiffusion(DecodingStrategy):
         """Plan tags that the grammar predicts after row ``b``'s last token (``draft_plan_tags``).
 
         After a plan entry's length, ``</topic>`` and then ``<topic>`` (another entry);
-        after ``</topic>`` or at the start of a round, ``<topic>``. A guess only: :meth:`_plan_round` keeps a draft
-        token when the model draws it (speculative decoding with a grammar for drafter).
+        after ``</topic>`` or at the start of a round, ``<topic>``. A guess only:
+        :meth:`_plan_round` keeps a draft token when the model draws it
+        (speculative decoding with a grammar for drafter).
         """
         po, pc = lm.spec.id("plan_open"), lm.spec.id("plan_close")
         plan = st.seq[b][st.plan_start[b] :]
