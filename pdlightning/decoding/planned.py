@@ -461,10 +461,10 @@ class PlannedDiffusion(DecodingStrategy):
                     if b not in planning or accepted == len(drafts[i]) or tok != drafts[i][accepted]:
                         break
                     accepted += 1  # the draft was fed after the token before it: its logits are next
-                # the kept drafts' columns become real: they hold the positions after the cached prefix
-                kept = torch.tensor(cols[i][:accepted], dtype=torch.long, device=lm.device)
-                st.col_pos[b, kept] = st.n_cached[b] + torch.arange(accepted, device=lm.device)
-                st.n_cached[b] += accepted
+                if accepted:  # the kept drafts' columns become real: the positions after the cached prefix
+                    kept = torch.tensor(cols[i][:accepted], dtype=torch.long, device=lm.device)
+                    st.col_pos[b, kept] = st.n_cached[b] + torch.arange(accepted, device=lm.device)
+                    st.n_cached[b] += accepted
 
     def _first_plan_pass(
         self, lm: LanguageModel, st: _State, rows: list[int], drafts: list[list[int]]
