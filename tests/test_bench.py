@@ -223,6 +223,25 @@ def test_every_shipped_bench_config_loads():
             assert all((ROOT / c).exists() for c in spec.configs)
 
 
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+def test_every_model_of_every_shipped_bench_config_is_a_valid_fit_command(tmp_path: Path):
+    """A typo in a model's overrides fails here, not an hour into a bench."""
+    from pdlightning.cli import parse_config
+    from pdlightning.eval.bench import fit_args
+
+    for path in sorted((ROOT / "configs/bench").glob("*.yaml")):
+        cfg = BenchConfig.from_yaml(path)
+        trained = {name: tmp_path / name / "hf" for name in cfg.models}
+        for name, spec in cfg.models.items():
+            args = [a.replace("configs/", f"{ROOT}/configs/", 1) if a.startswith("configs/") else a
+                    for a in fit_args(name, spec, cfg, trained)]
+            try:
+                parsed = parse_config(args)
+            except (SystemExit, Exception) as e:  # jsonargparse raises or exits, by the error
+                raise AssertionError(f"{path.name}: model {name} does not parse: {e}") from e
+            assert parsed.seed_everything == cfg.seed
+
+
 @pytest.mark.slow
 def test_bench_smoke_writes_results_with_ratios_against_ar(tmp_path: Path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

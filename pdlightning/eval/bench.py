@@ -157,6 +157,23 @@ def _row(path: str | Path, where: str, cls: type, row: Any) -> Any:
 # --------------------------------------------------------------------------- training
 
 
+def fit_args(name: str, spec: ModelSpec, cfg: BenchConfig, trained: dict[str, Path] | None = None) -> list[str]:
+    """The ``pdlightning fit`` arguments that train model ``name`` under ``cfg.out_dir``."""
+    root = Path(cfg.out_dir) / "models" / name
+    return [
+        *(a for c in spec.configs for a in ("--config", c)),
+        f"--trainer.default_root_dir={root}",
+        f"--trainer.logger.init_args.save_dir={root}",
+        f"--data.cache_dir={cfg.cache_dir}",
+        f"--seed_everything={cfg.seed}",
+        f"--data.seed={cfg.seed}",  # the models learn the set the prompts are read from (load_prompts)
+        *([f"--model.backbone.pretrained={(trained or {})[spec.init_from]}"] if spec.init_from else []),
+        *spec.overrides,
+        "--trainer.callbacks+=pdlightning.model.callbacks.ExportHF",
+        f"--trainer.callbacks.dirpath={root / 'hf'}",
+    ]
+
+
 def train_model(name: str, spec: ModelSpec, cfg: BenchConfig, trained: dict[str, Path] | None = None) -> Path:
     """Run ``pdlightning fit`` for one model unless its export already exists.
 
@@ -175,20 +192,7 @@ def train_model(name: str, spec: ModelSpec, cfg: BenchConfig, trained: dict[str,
                              + (f", or run with --seed {had['seed']}" if k == "seed" else ""))
         print(f"[bench] model {name}: reusing {hf}")
         return hf
-    args = [sys.executable, "-m", "pdlightning.cli", "fit"]
-    for c in spec.configs:
-        args += ["--config", c]
-    args += [
-        f"--trainer.default_root_dir={root}",
-        f"--trainer.logger.init_args.save_dir={root}",
-        f"--data.cache_dir={cfg.cache_dir}",
-        f"--seed_everything={cfg.seed}",
-        f"--data.seed={cfg.seed}",  # the models learn the set the prompts are read from (load_prompts)
-        *([f"--model.backbone.pretrained={(trained or {})[spec.init_from]}"] if spec.init_from else []),
-        *spec.overrides,
-        "--trainer.callbacks+=pdlightning.model.callbacks.ExportHF",
-        f"--trainer.callbacks.dirpath={hf}",
-    ]
+    args = [sys.executable, "-m", "pdlightning.cli", "fit", *fit_args(name, spec, cfg, trained)]
     print(f"[bench] training {name}: {' '.join(args[2:])}")
     t0 = time.time()
     # training runs on the bench's `threads` too (torch would take every core: two benches
