@@ -163,14 +163,20 @@ def answer_ids(ids: Sequence[int], spec: TagSpec) -> list[int]:
 
 
 def mask_from_structure(
-    st: Structure, dense: bool = False, rows_from: int = 0, causal_spans: bool | torch.Tensor = False
+    st: Structure,
+    dense: bool = False,
+    rows_from: int = 0,
+    causal_spans: bool | torch.Tensor = False,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean attention mask ``[B, 1, T - rows_from, T]`` from a :class:`Structure`.
 
     ``causal_spans`` makes rules 2 and 5 causal: a span position sees only the
     part of its span (or round, dense) to its left, the mask of the planned
     layout trained autoregressively (``planned_ar``). A ``[B]`` bool tensor
-    makes them causal in the rows where it is True only.
+    makes them causal in the rows where it is True only. "To its left" compares
+    ``positions`` (``[B, T]`` logical positions, for columns laid out in another
+    order, as a KV cache with holes is) when given, else the column indices.
     """
     span_i, span_j = st.span[:, rows_from:, None], st.span[:, None, :]
     sync_i, sync_j = st.syncs[:, rows_from:, None], st.syncs[:, None, :]
@@ -181,7 +187,8 @@ def mask_from_structure(
     causal = col <= row
     allowed = causal & (~inside_j | (sync_i > sync_j))  # rules 1, 3, 4
     causal_rows = torch.as_tensor(causal_spans, dtype=torch.bool, device=causal.device).expand(st.span.shape[0])
-    within = causal | ~causal_rows[:, None, None]  # per row: causal, or the whole span
+    left = causal if positions is None else positions[:, None, :] <= positions[:, rows_from:, None]
+    within = left | ~causal_rows[:, None, None]  # per row: causal, or the whole span
     allowed |= inside_i & (span_i == span_j) & within  # rule 2
     if dense:
         allowed |= inside_i & inside_j & (sync_i == sync_j) & within  # rule 5

@@ -13,11 +13,14 @@ from hypothesis import strategies as st
 from pdlightning.data.collate import IGNORE, collate
 from pdlightning.masks import (
     Role,
+    Structure,
     answer_ids,
     batch_attention_mask,
     extension_mask,
     hybrid_attention_mask,
+    mask_from_structure,
     roles,
+    structure,
 )
 from pdlightning.tags import CONTROL_NAMES, TagSpec
 
@@ -80,6 +83,27 @@ def test_causal_spans_are_the_hybrid_mask_made_causal(ids: list[int], dense: boo
     x = torch.tensor([ids])
     causal = batch_attention_mask(x, SPEC, dense=dense, causal_spans=True)[0, 0]
     assert torch.equal(causal, reference(ids, dense) & torch.ones(len(ids), len(ids), dtype=torch.bool).tril())
+
+
+@settings(max_examples=100, deadline=None)
+@given(ids=sequences(), dense=st.booleans(), data=st.data())
+def test_causal_spans_follow_logical_positions_when_columns_are_shuffled(ids: list[int], dense: bool, data):
+    """A KV cache holds a span's columns in the order they were written, not in the
+    sequence's: with ``positions`` the causal rule inside a span reads them. Shuffling the
+    columns of each span (the rest in place) and passing their positions gives the mask
+    of the unshuffled sequence, shuffled the same way."""
+    x = torch.tensor([ids])
+    span = structure(x, SPEC).span[0]
+    perm = torch.arange(len(ids))
+    for s in span.unique().tolist():
+        if s >= 0:
+            at = (span == s).nonzero().squeeze(1)
+            perm[at] = at[torch.tensor(data.draw(st.permutations(range(len(at)))))]
+    full = batch_attention_mask(x, SPEC, dense=dense, causal_spans=True)[0, 0]
+    logical = structure(x, SPEC)  # gathered onto the columns, as the decoder does
+    physical = Structure(*(getattr(logical, f)[:, perm] for f in ("span", "syncs", "scaffold", "valid")))
+    shuffled = mask_from_structure(physical, dense, causal_spans=True, positions=perm[None])
+    assert torch.equal(shuffled[0, 0], full[perm][:, perm])
 
 
 @settings(max_examples=60, deadline=None)

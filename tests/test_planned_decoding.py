@@ -21,8 +21,9 @@ from transformers import Qwen2Config
 from pdlightning.decoding import LanguageModel, get_strategy
 from pdlightning.decoding.dense_planned import DensePlannedDiffusion
 from pdlightning.decoding.planned import _FORBIDDEN_IN_SPANS, PlannedDiffusion, parse_plan
+from pdlightning.decoding.planned_ar import PlannedAR
 from pdlightning.layout import entry_ids
-from pdlightning.masks import extension_mask, structure
+from pdlightning.masks import Role, batch_attention_mask, extension_mask, roles, structure
 from pdlightning.model.backbone import TINY_QWEN2, build_backbone
 from pdlightning.tags import PlanEntry, TagSpec, parse_ids
 from pdlightning.tokenizer import build_tokenizer, format_prompt
@@ -757,3 +758,98 @@ def test_on_spans_streams_each_round_as_it_completes():
     (g,) = strategy.generate(lm, ["the cat"], generator=torch.Generator().manual_seed(0))
     assert [s[1] for s in seen] == [["name", "age"], ["summary"]]  # one call per round, in order
     assert [span for _, _, spans in seen for span in spans] == g.spans
+
+
+# ----------------------------------------------------------------------------- planned_ar: spans by next-token prediction
+
+
+@pytest.mark.parametrize(("real", "batch_size", "use_cache", "logits"), [
+    (False, 3, True, "shifted"), (False, 1, False, "shifted"), (False, 3, True, "aligned"), (True, 3, True, "shifted")])
+def test_planned_ar_writes_each_span_token_as_the_greedy_next_token_under_the_causal_span_mask(
+    real: bool, batch_size: int, use_cache: bool, logits: str
+):
+    """Brute force: for every span token, one uncached forward of the final sequence with that
+    token masked, under the ``planned_ar`` mask (``batch_attention_mask(causal_spans=True)``),
+    must predict it greedily at its scoring position. Round 2's spans see round 1's through the
+    ``<sync/>``, so the spans recomputed in the next round must be causal too. The scripted
+    content hashes exactly what a position sees; the real backbone brings a real KV cache."""
+    inner = INNER if real else None
+    gens, _ = run(TWO_ROUNDS, inner=inner, cls=PlannedAR, prompts=PROMPTS, batch_size=batch_size,
+                  use_cache=use_cache, logits=logits, pad_ends_span=False)
+    shift = 1 if logits == "shifted" else 0
+    reference = Scripted(TWO_ROUNDS, inner=inner)
+    checked = 0
+    for prompt, g in zip(PROMPTS, gens, strict=True):
+        check_well_formed(g)
+        assert span_lengths(g.token_ids) == [4, 2, 6]
+        plen = len(format_prompt(TOK, prompt))
+        ids = torch.tensor([format_prompt(TOK, prompt) + g.token_ids])
+        content = roles(ids, SPEC, prompt_lengths=torch.tensor([plen]))[0] == Role.CONTENT
+        for q in content.nonzero().squeeze(1).tolist():
+            x = ids.clone()
+            x[0, q] = MASK
+            with torch.no_grad():
+                out = reference(x, batch_attention_mask(x, SPEC, causal_spans=True), torch.arange(x.shape[1])[None])
+            lg = out.logits[0, q - shift, : len(TOK)].clone()
+            lg[[SPEC.id(n) for n in _FORBIDDEN_IN_SPANS]] = float("-inf")
+            assert int(lg.argmax()) == int(ids[0, q])
+            checked += 1
+    assert checked == 3 * 12
+
+
+def test_planned_ar_feeds_one_token_per_unfinished_span_and_steps_as_pd_left_to_right():
+    """After a round's first denoising pass (its span tags and topic heads), each pass feeds
+    exactly one position per span still being written; the passes are PD's at r = 1."""
+    (g,), model = run(TWO_ROUNDS, cls=PlannedAR, pad_ends_span=False)
+    (pd,), _ = run(TWO_ROUNDS, order="left_to_right")
+    assert g.critical_path == pd.critical_path and span_lengths(g.token_ids) == [4, 2, 6]
+    final = torch.tensor([format_prompt(TOK, "the cat") + g.token_ids])
+    span = structure(final, SPEC).span[0]
+    fed = []  # per denoising pass: the positions fed (every one inside a span)
+    for (_, mask), kpos in zip(model.calls, model.positions, strict=True):
+        new = kpos[0, kpos.shape[1] - mask.shape[2] :]
+        if bool((span[new] >= 0).all()):
+            fed.append(new.tolist())
+    # Round 1, spans of 4 and 2 tokens: a pass feeding the span tags and topic heads scores the
+    # first token of each; then a pass per token left, feeding the token before it. Round 2: one of 6.
+    assert [len(f) for f in fed] == [len(fed[0]), 2, 1, 1, len(fed[4]), 1, 1, 1, 1, 1]
+    assert len(fed[0]) > 2 and len(fed[4]) > 1
+    assert all(len(set(span[f].tolist())) == len(f) for f in fed[1:4] + fed[5:])  # one per span
+
+
+class PadsEveryThird(Scripted):
+    """Span content that writes a pad at every third position (and words elsewhere)."""
+
+    def _content(self, ids, vis, qpos, kid, kpos):
+        logits = super()._content(ids, vis, qpos, kid, kpos)
+        logits[..., PAD] = torch.where(qpos % 3 == 1, 20.0, 0.0)
+        return logits
+
+
+def test_pad_ends_span_pads_the_rest_of_a_span_after_its_first_pad():
+    spans_on, spans_off, steps = [], [], []
+    for pad_ends_span in (True, False):
+        lm = LanguageModel(PadsEveryThird(TWO_ROUNDS), TOK, SPEC)
+        out = PlannedAR(max_new_tokens=200, batch_size=3, pad_ends_span=pad_ends_span).generate(
+            lm, PROMPTS, generator=torch.Generator().manual_seed(0))
+        (spans_on if pad_ends_span else spans_off).append([span_contents(g.token_ids) for g in out])
+        steps.append(sum(g.critical_path for g in out))
+        for g in out:
+            check_well_formed(g)
+    words_after_pad = 0
+    for on_row, off_row in zip(spans_on[0], spans_off[0], strict=True):
+        for on, off in zip(on_row, off_row, strict=True):
+            assert len(on) == len(off)
+            cut = off.index(PAD) + 1 if PAD in off else len(off)
+            assert on[:cut] == off[:cut] and set(on[cut:]) <= {PAD}
+            words_after_pad += any(t != PAD for t in off[cut:])
+    assert words_after_pad > 0  # the test bites: without the knob, words follow a pad
+    assert steps[0] < steps[1]
+
+
+def test_planned_ar_is_registered_and_takes_no_diffusion_knobs():
+    assert isinstance(get_strategy("planned_ar", length_scale=0.9), PlannedAR)
+    with pytest.raises(TypeError):
+        PlannedAR(step_ratio=0.5)
+    with pytest.raises(ValueError):
+        PlannedAR(length_scale=0)

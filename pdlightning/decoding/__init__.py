@@ -19,6 +19,7 @@ from pdlightning.decoding.diffusion import Diffusion
 from pdlightning.decoding.fast_dllm import FastDLLM
 from pdlightning.decoding.lm import LanguageModel
 from pdlightning.decoding.planned import PlannedDiffusion
+from pdlightning.decoding.planned_ar import PlannedAR
 
 __all__ = [
     "Autoregressive",
@@ -29,6 +30,7 @@ __all__ = [
     "FastDLLM",
     "Generation",
     "LanguageModel",
+    "PlannedAR",
     "PlannedDiffusion",
     "RowOutput",
     "get_strategy",

@@ -225,6 +225,11 @@ class PlannedDiffusion(DecodingStrategy):
     #: Stop feeding a span once it is complete (sparse variant only; exact, as no
     #: other span sees it). False feeds every span to the end of the round.
     skip_finished_spans: ClassVar[bool] = True
+    #: Spans attend causally inside (the ``planned_ar`` mask) and are written left to
+    #: right, one token per span per pass (:class:`~pdlightning.decoding.planned_ar.PlannedAR`).
+    causal_spans: ClassVar[bool] = False
+    #: With ``causal_spans``: a span's first pad ends it (the rest of it is pads).
+    pad_ends_span: bool = False
 
     def __init__(
         self,
@@ -355,7 +360,10 @@ class PlannedDiffusion(DecodingStrategy):
             scaffold=logical.scaffold.gather(1, safe),
             valid=cols >= 0,
         )
-        mask = mask_from_structure(physical, dense=self.dense, rows_from=st.col_pos.shape[1])
+        mask = mask_from_structure(
+            physical, dense=self.dense, rows_from=st.col_pos.shape[1],
+            causal_spans=self.causal_spans, positions=cols if self.causal_spans else None,
+        )
         return _Feed(pos=pos, valid=valid, lens=lens, cols=cols, mask=mask, lead=hold.sum(1))
 
     def _forward(
@@ -674,8 +682,11 @@ class PlannedDiffusion(DecodingStrategy):
         held = torch.zeros_like(is_mask)  # span_cache: logical positions whose keys and values are held
         while bool(is_mask.any()):
             active = is_mask.any(1)
+            front = is_mask.clone()  # the masked positions scored this pass
+            if self.causal_spans:  # the leftmost of each span (masks form a suffix of the span)
+                front[:, 1:] &= ~is_mask[:, :-1]
             want = torch.zeros_like(is_mask)
-            want[:, : want.shape[1] - lm.shift] = is_mask[:, lm.shift :]
+            want[:, : want.shape[1] - lm.shift] = front[:, lm.shift :]
             if skipping:
                 now = finished_spans()
                 if bool((now != finished).any()) and not holding:
@@ -685,12 +696,15 @@ class PlannedDiffusion(DecodingStrategy):
                 # settled and no logits needed: never needed again this round
                 skip = held | finished[slot_of] if skipping else held
                 hold = ~is_mask & ~want
+                if self.causal_spans:  # keys see only the left of their span: exact once written
+                    hold = ~is_mask
+                    skip = skip | (is_mask & ~want)  # masks no pass needs yet
                 feed = self._feed(lm, st, x, lengths, active, skip=skip, hold=hold, logical=logical)
                 rows_fed = torch.arange(len(x), device=dev)[:, None].expand_as(feed.pos)
                 lead = torch.arange(feed.pos.shape[1], device=dev) < feed.lead[:, None]
                 held[rows_fed[lead], feed.pos[lead]] = True
             logits, slot = self._forward(lm, st, x, feed, want, keep=False)
-            bi, pi = is_mask.nonzero(as_tuple=True)
+            bi, pi = front.nonzero(as_tuple=True)
             lg = logits[bi, slot[bi, pi - lm.shift]]
             lg[:, forbidden] = float("-inf")
             tokens, probs = sample_tokens(lg, generator, self.temperature, self.top_p, self.top_k)
@@ -709,6 +723,11 @@ class PlannedDiffusion(DecodingStrategy):
                     commit |= p >= self.parallel_threshold
             x[bi[commit], pi[commit]] = tokens[commit]
             is_mask[bi[commit], pi[commit]] = False
+            if self.pad_ends_span:  # a span that wrote a pad is pads to its end
+                ended = torch.zeros(n_groups + 1, dtype=torch.bool, device=dev)
+                ended[grp[commit & (tokens == spec.id("pad"))]] = True
+                rest = is_mask & ended[slot_of]
+                x[rest], is_mask[rest] = spec.id("pad"), False
             taken += active.long()
             st.critical += active.long()
         if holding:  # drop the stale span columns: the next round recomputes the spans exactly
