@@ -5,7 +5,7 @@ decoder's own work and, for planned diffusion, planning against denoising.
 
 Uses the models `pdlightning demo` trained (the AR baseline and the planned
 model). Decodes the test prompts at batch 1 with AR and with PD at step ratios
-1, 0.5 and 0.25, timing every backbone call and PD's two phases (the plan's
+1, 0.5 and 0.25 and with planned_ar (spans by next-token prediction), timing every backbone call and PD's two phases (the plan's
 autoregressive passes, then the round's denoising passes). Prints a table and
 one JSON line last. Seconds are per response; shares are of the decode time.
 """
@@ -29,6 +29,7 @@ ROWS = [  # name, model directory, decoder, args
     ("PD", "planned", "planned", {"max_new_tokens": 600}),
     ("PD r=0.5", "planned", "planned", {"max_new_tokens": 600, "step_ratio": 0.5}),
     ("PD r=0.25", "planned", "planned", {"max_new_tokens": 600, "step_ratio": 0.25}),
+    ("planned_ar", "planned", "planned_ar", {"max_new_tokens": 600}),
 ]
 
 
@@ -94,12 +95,12 @@ def main() -> None:
         raise SystemExit(f"no model at {', '.join(missing)}: run `pdlightning demo` first")
     lms = {model: LanguageModel.from_pretrained(path) for model, path in paths.items()}
     out = {name: split(lms[model], decoder, args, prompts) for name, model, decoder, args in ROWS}
-    print(f"{'decoder':<11}{'s/resp':>8}{'backbone':>10}{'decoder':>9}{'passes':>8}"
+    print(f"{'decoder':<12}{'s/resp':>8}{'backbone':>10}{'decoder':>9}{'passes':>8}"
           f"{'plan s':>8}{'plan passes':>13}{'denoise s':>11}{'denoise passes':>16}")
     for name, r in out.items():
         phases = (f"{r['plan_s']:>8.3f}{r['plan_passes']:>13.1f}{r['denoise_s']:>11.3f}"
                   f"{r['denoise_passes']:>16.1f}" if "plan_s" in r else "")
-        print(f"{name:<11}{r['seconds']:>8.3f}{r['backbone_s'] / r['seconds']:>9.0%}"
+        print(f"{name:<12}{r['seconds']:>8.3f}{r['backbone_s'] / r['seconds']:>9.0%}"
               f"{r['decoder_s'] / r['seconds']:>9.0%}{r['passes']:>8.1f}{phases}")
     print(json.dumps({"bench": "time_split", "limit": a.limit, "results": out}))
 

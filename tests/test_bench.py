@@ -352,4 +352,11 @@ def test_demo_ends_with_next_steps_that_reuse_its_models(capsys: pytest.CaptureF
     assert "(20.0% vs 20.0%); chrF against the reference answers 50.0 vs 50.0." in capsys.readouterr().out
     row["fact_accuracy_minus_ar_ci"] = [-0.052, 0.031]
     demo.main([])
-    assert "(20.0% vs 20.0%; 95% interval over the prompts -5.2 to +3.1); chrF" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "(20.0% vs 20.0%; 95% interval over the prompts -5.2 to +3.1); chrF" in said
+    assert "planned_ar" not in said.split("Next")[0]
+    ar_spans = {**row, "speedup_vs_ar": 1.7, "fact_accuracy_minus_ar": 0.063}
+    monkeypatch.setattr(demo, "run", lambda cfg: {"results": {"PD": row, "AR": row, "planned_ar": ar_spans}})
+    demo.main([])
+    said = capsys.readouterr().out
+    assert "(planned_ar), PD runs at 1.70x AR's speed with 0.30x its critical path and +6.3 points" in said

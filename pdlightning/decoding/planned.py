@@ -682,9 +682,7 @@ class PlannedDiffusion(DecodingStrategy):
         held = torch.zeros_like(is_mask)  # span_cache: logical positions whose keys and values are held
         while bool(is_mask.any()):
             active = is_mask.any(1)
-            front = is_mask.clone()  # the masked positions scored this pass
-            if self.causal_spans:  # the leftmost of each span (masks form a suffix of the span)
-                front[:, 1:] &= ~is_mask[:, :-1]
+            front = self._scored(is_mask)
             want = torch.zeros_like(is_mask)
             want[:, : want.shape[1] - lm.shift] = front[:, lm.shift :]
             if skipping:
@@ -708,19 +706,9 @@ class PlannedDiffusion(DecodingStrategy):
             lg = logits[bi, slot[bi, pi - lm.shift]]
             lg[:, forbidden] = float("-inf")
             tokens, probs = sample_tokens(lg, generator, self.temperature, self.top_p, self.top_k)
-            scores = unmask_scores(probs, tokens, self.order, generator, pi)
             grp = group[bi, pi]
-            remaining = torch.bincount(grp, minlength=len(plans) * width)
             left = (steps - taken).clamp(min=1).repeat_interleave(width)
-            quota = torch.div(remaining + left - 1, left, rounding_mode="floor")
-            rank = _rank_in_group(scores, grp)
-            commit = rank < quota[grp]
-            if self.threshold is not None or self.parallel_threshold is not None:
-                p = top_probability(probs, tokens)
-                if self.threshold is not None:  # hold back unsure positions; each span's top-1 always commits
-                    commit &= (p >= self.threshold) | (rank == 0)
-                if self.parallel_threshold is not None:  # and commit every sure one early
-                    commit |= p >= self.parallel_threshold
+            commit = self._commit(tokens, probs, grp, pi, left, generator)
             x[bi[commit], pi[commit]] = tokens[commit]
             is_mask[bi[commit], pi[commit]] = False
             if self.pad_ends_span:  # a span that wrote a pad is pads to its end
@@ -738,6 +726,47 @@ class PlannedDiffusion(DecodingStrategy):
             self._close_round(
                 lm, st, b, x[b, seg], group[b, seg] - b * width, content[b, seg], len(plans[b])
             )
+
+    def _scored(self, is_mask: torch.Tensor) -> torch.Tensor:
+        """The masked positions ``[B, L]`` a denoising pass scores: all of them."""
+        return is_mask
+
+    def _commit(
+        self,
+        tokens: torch.Tensor,
+        probs: torch.Tensor,
+        grp: torch.Tensor,
+        pos: torch.Tensor,
+        left: torch.Tensor,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """Which scored positions commit their sampled token this step.
+
+        Args:
+            tokens: ``[N]`` tokens sampled at the scored positions.
+            probs: ``[N, V]`` their distributions.
+            grp: ``[N]`` span (group) of each.
+            pos: ``[N]`` logical position of each.
+            left: ``[G]`` steps left to each span's row, this one included.
+            generator: Randomness (``order="random"``).
+
+        Returns:
+            ``[N]`` bool: each span's quota ``ceil(masks left / steps left)`` in
+            ``order``, less the unsure ones (``threshold``), plus the sure ones
+            (``parallel_threshold``).
+        """
+        scores = unmask_scores(probs, tokens, self.order, generator, pos)
+        remaining = torch.bincount(grp, minlength=len(left))
+        quota = torch.div(remaining + left - 1, left, rounding_mode="floor")
+        rank = _rank_in_group(scores, grp)
+        commit = rank < quota[grp]
+        if self.threshold is not None or self.parallel_threshold is not None:
+            p = top_probability(probs, tokens)
+            if self.threshold is not None:  # hold back unsure positions; each span's top-1 always commits
+                commit &= (p >= self.threshold) | (rank == 0)
+            if self.parallel_threshold is not None:  # and commit every sure one early
+                commit |= p >= self.parallel_threshold
+        return commit
 
     def _close_round(
         self,

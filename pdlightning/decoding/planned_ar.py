@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
+
 from pdlightning.decoding.base import register
 from pdlightning.decoding.planned import PlannedDiffusion
 
@@ -90,3 +92,21 @@ class PlannedAR(PlannedDiffusion):
             batch_size=batch_size,
         )
         self.pad_ends_span = pad_ends_span
+
+    def _scored(self, is_mask: torch.Tensor) -> torch.Tensor:
+        """The leftmost mask of each span (a span's masks are the suffix not yet written)."""
+        front = is_mask.clone()
+        front[:, 1:] &= ~is_mask[:, :-1]
+        return front
+
+    def _commit(
+        self,
+        tokens: torch.Tensor,
+        probs: torch.Tensor,
+        grp: torch.Tensor,
+        pos: torch.Tensor,
+        left: torch.Tensor,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """Every scored position commits: one token per span per pass."""
+        return torch.ones_like(tokens, dtype=torch.bool)
