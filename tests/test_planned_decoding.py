@@ -853,3 +853,14 @@ def test_planned_ar_is_registered_and_takes_no_diffusion_knobs():
         PlannedAR(step_ratio=0.5)
     with pytest.raises(ValueError):
         PlannedAR(length_scale=0)
+
+
+@pytest.mark.parametrize("cls", [PlannedDiffusion, PlannedAR])
+def test_the_default_cap_holds_a_long_planned_response(cls):
+    """Plans, tags, heads and pads come on top of the answer: eight spans of 24 tokens
+    with their plan take about 300 tokens, and the default cap must not cut them."""
+    script = [sum((entry(w, 12) for w in ["name", "age", "city", "summary"] * 2), []) + [END]]
+    lm = LanguageModel(Scripted(script), TOK, SPEC)
+    (g,) = cls().generate(lm, ["the cat"], generator=torch.Generator().manual_seed(0))
+    assert len(g.token_ids) > 256 and g.repairs == []
+    assert span_lengths(g.token_ids) == [24] * 8
