@@ -11,12 +11,15 @@ prompt by prompt, so a slow spell of the machine lands on both. Prints, per
 step ratio, the seconds per response of each and their ratio, and whether every
 response's tokens are identical. Only the one module differs: the rest of the
 package is the working tree's. The strategy must take ``step_ratio`` (planned,
-dense_planned).
+dense_planned) for ``--step_ratios``; one without it (planned_ar) decodes once, at its defaults:
+
+    python benchmarks/ab_strategy.py --ref HEAD --module pdlightning/decoding/planned_ar.py --strategy planned_ar
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import re
 import subprocess
@@ -26,6 +29,7 @@ import types
 import torch
 
 from pdlightning.decoding import LanguageModel, get_strategy
+from pdlightning.decoding.base import strategy_class
 from pdlightning.eval.bench import BenchConfig, load_prompts
 
 
@@ -53,9 +57,10 @@ def main() -> None:
     prompts = [r["prompt"] for r in load_prompts(BenchConfig(limit=a.limit))]
     lm = LanguageModel.from_pretrained(a.model)
     out = {}
-    for r in a.step_ratios:
-        arms = {v: get_strategy(a.strategy + ("_old" if v == "old" else ""), max_new_tokens=a.max_new_tokens,
-                                step_ratio=r) for v in ("old", "new")}
+    ratios = a.step_ratios if "step_ratio" in inspect.signature(strategy_class(a.strategy)).parameters else [None]
+    for r in ratios:
+        knobs = {"max_new_tokens": a.max_new_tokens} | ({} if r is None else {"step_ratio": r})
+        arms = {v: get_strategy(a.strategy + ("_old" if v == "old" else ""), **knobs) for v in ("old", "new")}
         for s in arms.values():
             s.generate(lm, prompts[:2])  # warm-up, not timed
         seconds, identical = {"old": 0.0, "new": 0.0}, True
@@ -68,7 +73,8 @@ def main() -> None:
             identical &= tokens["old"] == tokens["new"]
         out[r] = {"old_s": seconds["old"] / len(prompts), "new_s": seconds["new"] / len(prompts),
                   "speedup": seconds["old"] / seconds["new"], "identical": identical}
-        print(f"r = {r}: old {out[r]['old_s']:.3f} s, new {out[r]['new_s']:.3f} s per response, "
+        label = "defaults" if r is None else f"r = {r}"
+        print(f"{label}: old {out[r]['old_s']:.3f} s, new {out[r]['new_s']:.3f} s per response, "
               f"new {out[r]['speedup']:.2f}x as fast, tokens identical: {identical}", flush=True)
     print(json.dumps({"bench": "ab_strategy", "ref": a.ref, "module": a.module, "limit": a.limit, "results": out}))
 

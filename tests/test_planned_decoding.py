@@ -817,6 +817,13 @@ def test_planned_ar_feeds_one_token_per_unfinished_span_and_steps_as_pd_left_to_
     assert all(len(set(span[f].tolist())) == len(f) for f in fed[1:4] + fed[5:])  # one per span
 
 
+class GeneralPlannedAR(PlannedAR):
+    """PlannedAR through PlannedDiffusion's general pass: the reference for its narrow span pass."""
+
+    def _denoise_round(self, lm, st, plans, generator):
+        PlannedDiffusion._denoise_round(self, lm, st, plans, generator)
+
+
 class PadsEveryThird(Scripted):
     """Span content that writes a pad at every third position (and words elsewhere)."""
 
@@ -845,6 +852,27 @@ def test_pad_ends_span_pads_the_rest_of_a_span_after_its_first_pad():
             words_after_pad += any(t != PAD for t in off[cut:])
     assert words_after_pad > 0  # the test bites: without the knob, words follow a pad
     assert steps[0] < steps[1]
+
+
+@pytest.mark.parametrize(("model", "temperature"), [("real", 0.0), ("scripted", 1.0), ("pads", 0.0)])
+def test_planned_ar_narrow_span_passes_write_what_the_general_pass_writes(model, temperature):
+    """The narrow span pass (a token per unfinished span, its mask kept from the round's first
+    pass) against the general pass with the same commit rule, batch 3 over two rounds: the same
+    tokens, critical paths, passes and fed positions. ``pads``: spans that end at a pad."""
+    outs = []
+    for cls in (PlannedAR, GeneralPlannedAR):
+        inner = PadsEveryThird(TWO_ROUNDS) if model == "pads" else Scripted(
+            TWO_ROUNDS, inner=INNER if model == "real" else None)
+        lm = LanguageModel(inner, TOK, SPEC)
+        gens = cls(max_new_tokens=200, batch_size=3, temperature=temperature).generate(
+            lm, PROMPTS, generator=torch.Generator().manual_seed(0))
+        for g in gens:
+            check_well_formed(g)
+        outs.append(([g.token_ids for g in gens], [g.critical_path for g in gens],
+                     lm.forward_passes, lm.fed_positions))
+    assert outs[0] == outs[1]
+    if model == "pads":
+        assert any(PAD in ids for ids in outs[0][0])
 
 
 def test_planned_ar_is_registered_and_takes_no_diffusion_knobs():

@@ -136,6 +136,29 @@ class _Feed:
     lead: torch.Tensor
 
 
+@dataclass
+class _Round:
+    """One round's scaffold of a batch, filled in place by the denoising passes.
+
+    Attributes:
+        x: ``[B, L]`` logical ids: each row's sequence, then its spans (tag, head, masks, tag).
+        lengths: ``[B]`` valid length of each row.
+        group: ``[B, L]`` span of each position, ``row * width + k`` (-1 outside spans).
+        content: ``[B, L]`` bool, span content (not a tag, not a head).
+        width: Spans of the row with the most.
+        n_spans: Spans of each row.
+        rows: Rows with spans this round.
+    """
+
+    x: torch.Tensor
+    lengths: torch.Tensor
+    group: torch.Tensor
+    content: torch.Tensor
+    width: int
+    n_spans: list[int]
+    rows: list[int]
+
+
 class _State:
     """Per-row bookkeeping of one batch (lists indexed by row) and the shared KV cache.
 
@@ -642,24 +665,10 @@ class PlannedDiffusion(DecodingStrategy):
     ) -> None:
         """Fill every planned span of every row in parallel (steps 3-5), then close the round."""
         spec, dev = lm.spec, lm.device
-        rows = [b for b, p in enumerate(plans) if p]
-        if not rows:
+        rnd = self._lay_out_round(lm, st, plans)
+        if rnd is None:
             return
-        full, group_of, content_of = [], [], []
-        width = max(len(p) for p in plans)
-        for b, plan in enumerate(plans):
-            ids, grp, cont = list(st.seq[b]), [-1] * len(st.seq[b]), [False] * len(st.seq[b])
-            for k, (topic, n) in enumerate(plan):
-                head = head_ids(lm.tokenizer, spec, topic) if self.topic_heads else []
-                ids += [spec.id("span_open"), *head, *[spec.id("mask")] * n, spec.id("span_close")]
-                grp += [b * width + k] * (n + 2 + len(head))
-                cont += [False] * (1 + len(head)) + [True] * n + [False]
-            full.append(ids)
-            group_of.append(grp)
-            content_of.append(cont)
-        x, lengths = self._pack(lm, full, spec.id("pad"))
-        group = self._pack(lm, group_of, -1)[0]
-        content = self._pack(lm, content_of, False)[0].bool()
+        x, lengths, group, content, width = rnd.x, rnd.lengths, rnd.group, rnd.content, rnd.width
         is_mask = content.clone()
         longest = torch.tensor([max((n for _, n in p), default=0) for p in plans], device=dev)
         steps = torch.ceil(self.step_ratio * longest.double()).long().clamp(min=1)
@@ -723,10 +732,37 @@ class PlannedDiffusion(DecodingStrategy):
         if holding:  # drop the stale span columns: the next round recomputes the spans exactly
             st.cache.crop(c0 - st.col_pos.shape[1])
             st.col_pos = st.col_pos[:, :c0]
-        for b in rows:
-            seg = slice(len(st.seq[b]), int(lengths[b]))
+        self._close_spans(lm, st, rnd)
+
+    def _lay_out_round(self, lm: LanguageModel, st: _State, plans: list[list[tuple[str, int]]]) -> _Round | None:
+        """Every row's scaffold of this round: its sequence, then per planned span its tag, head and masks."""
+        spec = lm.spec
+        rows = [b for b, p in enumerate(plans) if p]
+        if not rows:
+            return None
+        full, group_of, content_of = [], [], []
+        width = max(len(p) for p in plans)
+        for b, plan in enumerate(plans):
+            ids, grp, cont = list(st.seq[b]), [-1] * len(st.seq[b]), [False] * len(st.seq[b])
+            for k, (topic, n) in enumerate(plan):
+                head = head_ids(lm.tokenizer, spec, topic) if self.topic_heads else []
+                ids += [spec.id("span_open"), *head, *[spec.id("mask")] * n, spec.id("span_close")]
+                grp += [b * width + k] * (n + 2 + len(head))
+                cont += [False] * (1 + len(head)) + [True] * n + [False]
+            full.append(ids)
+            group_of.append(grp)
+            content_of.append(cont)
+        x, lengths = self._pack(lm, full, spec.id("pad"))
+        group = self._pack(lm, group_of, -1)[0]
+        content = self._pack(lm, content_of, False)[0].bool()
+        return _Round(x, lengths, group, content, width, [len(p) for p in plans], rows)
+
+    def _close_spans(self, lm: LanguageModel, st: _State, rnd: _Round) -> None:
+        """Close the round of every row that had spans (:meth:`_close_round`)."""
+        for b in rnd.rows:
+            seg = slice(len(st.seq[b]), int(rnd.lengths[b]))
             self._close_round(
-                lm, st, b, x[b, seg], group[b, seg] - b * width, content[b, seg], len(plans[b])
+                lm, st, b, rnd.x[b, seg], rnd.group[b, seg] - b * rnd.width, rnd.content[b, seg], rnd.n_spans[b]
             )
 
     def _scored(self, is_mask: torch.Tensor) -> torch.Tensor:
