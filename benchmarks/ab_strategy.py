@@ -23,6 +23,7 @@ import inspect
 import json
 import re
 import subprocess
+import sys
 import time
 import types
 
@@ -38,6 +39,7 @@ def load_old(ref: str, module: str) -> None:
     src = subprocess.run(["git", "show", f"{ref}:{module}"], capture_output=True, text=True, check=True).stdout
     src = re.sub(r'@register\("([^"]+)"\)', r'@register("\1_old")', src)
     mod = types.ModuleType(f"{module}@{ref}")
+    sys.modules[mod.__name__] = mod  # dataclasses look their class's module up there
     exec(compile(src, f"{module}@{ref}", "exec"), mod.__dict__)
 
 
