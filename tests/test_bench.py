@@ -38,6 +38,22 @@ def test_frontier_spans_rows_and_sweep_points_fastest_first():
     assert lines[2] == "| PD | 45.0% | +5.0 | 50.0 | 0.50x | 20.0 |"
 
 
+def test_facts_by_family_by_hand_and_as_a_table():
+    from pdlightning.eval.bench import markdown_families
+    from pdlightning.eval.metrics import fact_accuracy_by_group
+
+    keys = [["Ann", "Paris"], ["Bob", "Rome"], ["Cat"], []]
+    texts = ["Ann lives in Paris", "Ann lives in Rome", "a dog", "anything"]
+    by = fact_accuracy_by_group(texts, keys, ["people", "people", "pets", "empty"])
+    assert by == {"people": {"facts": 3 / 4, "keys": 4}, "pets": {"facts": 0.0, "keys": 1}}  # no keys, no row
+    other = fact_accuracy_by_group(["Ann", "Bob lives in Rome", "Cat", ""], keys, ["people", "people", "pets", "empty"])
+    results = {"AR": {"facts_by_family": by}, "PD": {"facts_by_family": other}, "old": {"facts_by_family": None}}
+    lines = markdown_families(results, "AR").splitlines()
+    assert lines[0] == "| family | keys | AR | PD |"
+    assert lines[2:] == ["| people | 4 | 75.0% | +0.0 |", "| pets | 1 | 0.0% | +100.0 |"]
+    assert markdown_families({"PD": {"facts_by_family": other}}, "AR") == ""  # no baseline, no table
+
+
 def test_facts_against_other_prompts_keys_by_hand_and_on_reference_answers():
     from pdlightning.data import synthetic
     from pdlightning.eval.metrics import fact_accuracy_against_others

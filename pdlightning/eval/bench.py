@@ -30,6 +30,7 @@ from pdlightning.eval.metrics import (
     SpeedUp,
     TokensPerAnswer,
     fact_accuracy_against_others,
+    fact_accuracy_by_group,
     facts_found,
     paired_bootstrap,
 )
@@ -294,6 +295,7 @@ def score_row(lm: LanguageModel, batch_size: int, gens: list[Generation],
         "plan_validity": float(validity.compute()) if any(g.plan is not None for g in gens) else None,
         "span_length_error": float(span_error.compute()) if any(g.plan for g in gens) else None,
         "n": n,
+        "facts_by_family": fact_accuracy_by_group(answers, keys, families) if None not in families else None,
         # what the paired confidence intervals against the baseline resample (add_ratios)
         "per_prompt": {"facts_found": found, "answer_keys": [len(k) for k in keys], "latency_s": per_response},
     }
@@ -343,6 +345,24 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
             f"| {r['content_tokens']:.1f} "
             f"| {r['control_tokens']:.1f} | {r['pad_tokens']:.1f} |"
         )
+    return "\n".join(lines)
+
+
+def markdown_families(results: dict[str, dict[str, Any]], baseline: str) -> str:
+    """Facts per task family (a row each, the most keys first), a column per decoder: each
+    decoder's accuracy, and for the others its difference from the baseline's, in points."""
+    rows = {name: r["facts_by_family"] for name, r in results.items() if r.get("facts_by_family")}
+    if baseline not in rows:
+        return ""
+    names = [baseline, *(n for n in rows if n != baseline)]
+    base = rows[baseline]
+    lines = ["| family | keys | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
+    for family in sorted(base, key=lambda f: (-base[f]["keys"], f)):
+        cells = [f"{100 * base[family]['facts']:.1f}%"]
+        for name in names[1:]:
+            got = rows[name].get(family)
+            cells.append("–" if got is None else f"{100 * (got['facts'] - base[family]['facts']):+.1f}")
+        lines.append(f"| {family} | {base[family]['keys']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -529,6 +549,9 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         print(f"[bench] {sweep_point_name(key, value)}: facts {100 * res['fact_accuracy']:.1f}%, {res['latency_s']:.3f} s, "
               f"critical path {res['critical_path']:.1f}")
     table = markdown_table(results)
+    families = markdown_families(results, cfg.baseline)
+    if families:
+        table += f"\n\nFacts per task family ({cfg.baseline}'s, then each row's difference in points):\n\n{families}"
     if sweeps:
         table += f"\n\n{markdown_sweeps(sweeps)}\n\n{markdown_frontier(results, sweeps, cfg.baseline)}"
     summary = {

@@ -70,6 +70,20 @@ def fact_accuracy_against_others(
     return float(facts.compute()) if int(facts.total) else None
 
 
+def fact_accuracy_by_group(
+    texts: Sequence[str], answer_keys: Sequence[Sequence[str]], groups: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    """Fact accuracy within each group (the bundled set's task family): where a decoder finds its facts.
+
+    Returns:
+        ``{group: {"facts": accuracy, "keys": answer keys}}`` for every group with keys.
+    """
+    metrics: dict[str, FactAccuracy] = {}
+    for text, keys, group in zip(texts, answer_keys, groups, strict=True):
+        metrics.setdefault(group, FactAccuracy()).update([text], [keys])
+    return {g: {"facts": float(m.compute()), "keys": int(m.total)} for g, m in sorted(metrics.items()) if int(m.total)}
+
+
 class PlanValidity(Metric):
     """Fraction of planned responses that needed no repair (every entry parsed, lengths sane)."""
 
