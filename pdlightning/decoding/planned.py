@@ -704,10 +704,11 @@ class PlannedDiffusion(DecodingStrategy):
             if holding:  # the fed set changes every pass
                 # settled and no logits needed: never needed again this round
                 skip = held | finished[slot_of] if skipping else held
-                hold = ~is_mask & ~want
                 if self.causal_spans:  # keys see only the left of their span: exact once written
                     hold = ~is_mask
                     skip = skip | (is_mask & ~want)  # masks no pass needs yet
+                else:
+                    hold = ~is_mask & ~want
                 feed = self._feed(lm, st, x, lengths, active, skip=skip, hold=hold, logical=logical)
                 rows_fed = torch.arange(len(x), device=dev)[:, None].expand_as(feed.pos)
                 lead = torch.arange(feed.pos.shape[1], device=dev) < feed.lead[:, None]
