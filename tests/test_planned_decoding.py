@@ -50,13 +50,15 @@ def entry(topic: str, n: int) -> list[int]:
 TWO_ROUNDS = [entry("name", 2) + entry("age", 1) + [SY], entry("summary", 3) + [END]]
 
 
-def plan_passes(rounds: list[list[int]], drafts: bool = True) -> int:
+def plan_passes(rounds: list[list[int]], drafts: bool = True, lengths: bool = True) -> int:
     """Brute-force reference: planning passes that write ``rounds`` (terminators included).
 
     A pass feeds the last token and the grammar's guesses of the next: at a round's
     start or after ``</topic>``, ``<topic>``; after a length (an open entry whose
-    text ends in a digit), ``</topic> <topic>``. It writes one token, plus one more
-    for each leading guess the script agrees with.
+    text ends in a digit), ``</topic> <topic>``; with ``lengths``, after topic words
+    (an open entry whose text does not), the digit and space tokens that end the
+    round's last closed entry, then ``</topic> <topic>``. It writes one token, plus one more for
+    each leading guess the script agrees with.
     """
     passes = 0
     for tokens in rounds:
@@ -64,15 +66,30 @@ def plan_passes(rounds: list[list[int]], drafts: bool = True) -> int:
         while i < len(tokens):
             done, guess = tokens[:i], []
             opened = max((j for j, t in enumerate(done) if t == PO), default=-1)
+            closes = [j for j, t in enumerate(done[:opened]) if t == PC]
             if not done or done[-1] == PC:
                 guess = [PO]
-            elif opened >= 0 and PC not in done[opened:] and TOK.decode(done[opened + 1 :]).strip()[-1:].isdigit():
+            elif opened < 0 or PC in done[opened:] or opened == len(done) - 1:
+                guess = []
+            elif TOK.decode(done[opened + 1 :]).strip()[-1:].isdigit():
                 guess = [PC, PO]
+            elif lengths and closes:
+                guess = [*length_tokens(done[: closes[-1]]), PC, PO] if length_tokens(done[: closes[-1]]) else []
             k = 0
             while drafts and k < len(guess) and i + k < len(tokens) and tokens[i + k] == guess[k]:
                 k += 1
             i, passes = i + 1 + k, passes + 1
     return passes
+
+
+def length_tokens(plan: list[int]) -> list[int]:
+    """The tokens that end ``plan``'s last entry body and each decode to digits or blank
+    (none unless one is a digit): how that entry's length is written."""
+    k = len(plan)
+    while k and plan[k - 1] != PO and (TOK.decode([plan[k - 1]]).strip() or "0").isdigit():
+        k -= 1
+    tail = plan[k:]
+    return tail if any(TOK.decode([t]).strip() for t in tail) else []
 
 
 class Scripted(torch.nn.Module):
@@ -548,6 +565,30 @@ def test_plan_drafts_write_the_same_plan_in_fewer_passes():
     assert on[0].counters.forward_passes < off[0].counters.forward_passes
 
 
+def test_length_drafts_write_the_same_plan_in_fewer_passes():
+    """An entry whose length repeats the round's previous entry's costs one pass, not two;
+    a length that does not repeat is a rejected draft. Same tokens on a real backbone, batch 3."""
+    lengths = [len(format_prompt(TOK, p)) for p in PROMPTS]
+    scripts = {
+        lengths[0]: [entry("cat", 2) + entry("dog", 2) + entry("mat", 2) + [END]],
+        lengths[1]: [entry("a", 1) + entry("b", 4) + entry("c", 4) + [SY], entry("d", 3) + entry("e", 3) + [END]],
+        lengths[2]: TWO_ROUNDS,  # name 2, age 1: the draft after "age" is rejected
+    }
+    kw = {"prompts": PROMPTS, "inner": INNER, "step_ratio": 0.5, "batch_size": 3}
+    on, _ = run(scripts, **kw)
+    off, _ = run(scripts, draft_plan_lengths=False, **kw)
+    saved = []
+    for a, b, prompt in zip(on, off, PROMPTS, strict=True):
+        check_well_formed(a)
+        assert a.token_ids == b.token_ids and a.repairs == b.repairs == []
+        script = scripts[len(format_prompt(TOK, prompt))]
+        assert b.critical_path - a.critical_path == plan_passes(script, lengths=False) - plan_passes(script)
+        saved.append(b.critical_path - a.critical_path)
+    # by hand: "dog" and "mat" save a pass each; "c 4" two (its length is a space token and "4")
+    # and "e 3" one; "name 2, age 1" none
+    assert saved == [2, 3, 0]
+
+
 PLAN_CHUNKS = [
     [PO], [PC], [SY], [END], [SO], WORDS[:1], entry("cat", 1), entry("dog", 7), entry("a", 10) + [PO],
     *([t] for t in TOK.encode("1 7 0", add_special_tokens=False)),
@@ -590,11 +631,16 @@ def real_columns(kid: torch.Tensor, kpos: torch.Tensor, n_new: int, final: list[
     """Which cache columns of one row hold a position of its sequence (the others are holes).
 
     A cached column is real when it holds the token that the row's ``final`` sequence
-    (prompt and response) has at its position; a hole does not: a column fed as
-    position 0 by a row with less to feed, or a drafted plan tag the model did not
-    draw. The columns fed by the pass are real unless fed as position 0."""
+    (prompt and response) has at its position and no later column holds that
+    position; a hole does not: a column fed as position 0 by a row with less to
+    feed, or a drafted plan token the model did not draw (which may be the right
+    token at a position the draft before it got wrong: the position is fed again).
+    The columns fed by the pass are real unless fed as position 0."""
     cached = len(kpos) - n_new
-    real = torch.tensor([bool(kid[c] == final[kpos[c]]) for c in range(cached)] + (kpos[cached:] > 0).tolist())
+    real = torch.tensor(
+        [bool(kid[c] == final[kpos[c]]) and not (kpos[c + 1 :] == kpos[c]).any() for c in range(cached)]
+        + (kpos[cached:] > 0).tolist()
+    )
     real[0] = True
     return real
 

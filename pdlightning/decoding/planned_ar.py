@@ -52,6 +52,7 @@ class PlannedAR(PlannedDiffusion):
         use_cache: Cache the keys and values of prompt, plans and written span
             tokens (exact); False recomputes everything each pass.
         draft_plan_tags: Draft the plan tags the grammar predicts (as in PD).
+        draft_plan_lengths: With ``draft_plan_tags``, draft an entry's length too (as in PD).
         max_new_tokens: Cap on everything generated after the prompt: plans,
             span tags, topic heads and pads as well as the answer (600: on the
             bundled set PD writes up to about 310 tokens where AR writes 215).
@@ -75,6 +76,7 @@ class PlannedAR(PlannedDiffusion):
         max_rounds: int = 8,
         use_cache: bool = True,
         draft_plan_tags: bool = True,
+        draft_plan_lengths: bool = True,
         max_new_tokens: int = 600,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -94,6 +96,7 @@ class PlannedAR(PlannedDiffusion):
             use_cache=use_cache,
             span_cache=use_cache,  # exact here: a written token's keys see only its left
             draft_plan_tags=draft_plan_tags,
+            draft_plan_lengths=draft_plan_lengths,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,
