@@ -9,19 +9,23 @@ from pathlib import Path
 
 import pytest
 
-from pdlightning.eval.replicates import load_runs, markdown, summarise
+from pdlightning.eval.replicates import load_runs, markdown, markdown_families, summarise, summarise_families
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {"out_dir": "runs/q", "seed": 0, "threads": 2, "limit": 60, "baseline": "AR",
           "decoders": [{"name": "AR"}, {"name": "PD"}]}
 
 
-def write_run(root: Path, name: str, facts: dict[str, float], speedup: float, **config) -> Path:
+def write_run(root: Path, name: str, facts: dict[str, float], speedup: float,
+              families: dict[str, dict[str, tuple[float, int]]] | None = None, **config) -> Path:
+    """A bench run's results.json; ``families``: per row, ``{family: (facts, keys)}``."""
     d = root / name
     d.mkdir()
     results = {row: {"fact_accuracy": f, "fact_accuracy_minus_ar": f - facts["AR"],
                      "speedup_vs_ar": 1.0 if row == "AR" else speedup,
                      "critical_path_vs_ar": 1.0 if row == "AR" else 0.5} for row, f in facts.items()}
+    for row, table in (families or {}).items():
+        results[row]["facts_by_family"] = {f: {"facts": v, "keys": k} for f, (v, k) in table.items()}
     (d / "results.json").write_text(json.dumps({"config": {**CONFIG, "out_dir": str(d), **config},
                                                 "results": results}))
     return d
@@ -59,13 +63,17 @@ def test_runs_that_are_not_replicates_are_refused_by_name(tmp_path: Path):
 
 
 def test_the_command_prints_the_table_and_writes_json(tmp_path: Path):
-    dirs = [str(write_run(tmp_path, n, {"AR": 0.4, "PD": p}, 2.0, seed=s))
+    dirs = [str(write_run(tmp_path, n, {"AR": 0.4, "PD": p}, 2.0, seed=s,
+                          families={"AR": {"shop": (0.4, 10)}, "PD": {"shop": (p, 10)}}))
             for n, p, s in (("a", 0.2, 0), ("b", 0.3, 1))]
     out = subprocess.run([sys.executable, "-m", "pdlightning.cli", "replicates", *dirs, "--json",
                           str(tmp_path / "s.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "| PD | 25.0 ± 7.1 (20.0 to 30.0) |" in out.stdout
-    assert json.loads((tmp_path / "s.json").read_text())["rows"]["PD"]["fact_accuracy"]["max"] == pytest.approx(30.0)
+    assert "| shop | 20 | 40.0 ± 0.0 | -15.0 ± 7.1 |" in out.stdout  # the table per family follows
+    written = json.loads((tmp_path / "s.json").read_text())
+    assert written["rows"]["PD"]["fact_accuracy"]["max"] == pytest.approx(30.0)
+    assert written["families"]["shop"]["PD"]["mean"] == pytest.approx(-15.0)
     bad = subprocess.run([sys.executable, "-m", "pdlightning.cli", "replicates", dirs[0]],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "at least two run directories" in bad.stderr
@@ -111,3 +119,20 @@ def test_json_into_a_new_folder_is_written(tmp_path: Path, capsys):
     with pytest.raises(SystemExit) as e:
         main([*dirs, "--json", str(tmp_path)])
     assert e.value.code == 2 and "is a directory" in capsys.readouterr().err
+
+
+def test_facts_per_family_over_replicates_by_hand(tmp_path: Path):
+    a = write_run(tmp_path, "a", {"AR": 0.4, "PD": 0.3}, 2.0, seed=0, families={
+        "AR": {"shop": (0.5, 10), "profile": (0.4, 5)}, "PD": {"shop": (0.6, 10), "profile": (0.2, 5)}})
+    b = write_run(tmp_path, "b", {"AR": 0.4, "PD": 0.3}, 2.0, seed=1, families={
+        "AR": {"shop": (0.3, 12), "profile": (0.5, 4)}, "PD": {"shop": (0.4, 12)}})
+    families = summarise_families(load_runs([a, b]))
+    assert families["shop"]["keys"] == 22 and families["profile"]["keys"] == 9
+    assert families["shop"]["AR"] == pytest.approx({"mean": 40.0, "sd": 200 ** 0.5})
+    assert families["shop"]["PD"] == pytest.approx({"mean": 10.0, "sd": 0.0})  # paired: +10 in each run
+    assert "PD" not in families["profile"]  # run b has no PD figure for it
+    assert markdown_families(families, ["AR", "PD"], "AR").splitlines() == [
+        "| family | keys | AR facts (%) | PD Δ |", "|---|---|---|---|",
+        "| shop | 22 | 40.0 ± 14.1 | +10.0 ± 0.0 |", "| profile | 9 | 45.0 ± 7.1 | – |"]
+    c = write_run(tmp_path, "c", {"AR": 0.4, "PD": 0.3}, 2.0, seed=2)  # a bench from before the families
+    assert summarise_families(load_runs([a, b, c])) == {}

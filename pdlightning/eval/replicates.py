@@ -8,6 +8,9 @@ mean, standard deviation and range of its facts and of its ratios against the
 baseline measured in the same run (so the facts difference is paired)::
 
     pdlightning replicates runs/quickstart runs/quickstart-seed1 runs/quickstart-seed2
+
+A second table does the same per task family (``facts_by_family`` of the bundled
+set): the baseline's facts, and every other row's paired difference in points.
 """
 
 from __future__ import annotations
@@ -106,6 +109,50 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float
     return out
 
 
+def summarise_families(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``{family: {"keys": n, row: {mean, sd}}}`` over the runs, for the families every
+    run's baseline row scored: the baseline's facts (%) and every other row's difference
+    from its own run's baseline (points); ``keys`` is summed over the runs. A row is
+    left out of a family when some run has no figure for it; ``{}`` when a run's
+    baseline has no ``facts_by_family`` (a bench before it, or prompts without families).
+    """
+    baseline = runs[0]["config"]["baseline"]
+    bases = [run["results"][baseline].get("facts_by_family") for run in runs]
+    if not all(isinstance(b, dict) and b for b in bases):
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for family in sorted(set.intersection(*(set(b) for b in bases))):
+        entry: dict[str, Any] = {"keys": sum(b[family]["keys"] for b in bases)}
+        for row in runs[0]["results"]:
+            values = []
+            for run, base in zip(runs, bases, strict=True):
+                got = (run["results"][row].get("facts_by_family") or {}).get(family)
+                if got is not None:
+                    values.append(100.0 * (got["facts"] - (0.0 if row == baseline else base[family]["facts"])))
+            if len(values) == len(runs):
+                entry[row] = {"mean": statistics.fmean(values), "sd": statistics.stdev(values)}
+        out[family] = entry
+    return out
+
+
+def markdown_families(families: dict[str, dict[str, Any]], rows: list[str], baseline: str) -> str:
+    """A row per family (the most keys first): ``mean ± sd`` of the baseline's facts and of
+    every other row's difference in points; "–" where a row has no figure."""
+    if not families:
+        return ""
+    names = [baseline, *(r for r in rows if r != baseline)]
+    lines = ["| family | keys | " + " | ".join([f"{baseline} facts (%)", *(f"{n} Δ" for n in names[1:])]) + " |",
+             "|" + "---|" * (len(names) + 2)]
+    for family, entry in sorted(families.items(), key=lambda kv: (-kv[1]["keys"], kv[0])):
+        cells = []
+        for i, name in enumerate(names):
+            m = entry.get(name)
+            fmt = ".1f" if i == 0 else "+.1f"
+            cells.append("–" if m is None else f"{m['mean']:{fmt}} ± {m['sd']:.1f}")
+        lines.append(f"| {family} | {entry['keys']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown(summary: dict[str, dict[str, dict[str, float]]], n_runs: int, baseline: str) -> str:
     """One row per decoder: ``mean ± sd (min to max)`` of every measure."""
     heads = [head.replace("baseline", baseline) for _, head, _, _ in MEASURES]
@@ -132,14 +179,19 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         p.error(str(e))
     summary = summarise(runs)
+    families = summarise_families(runs)
     if a.json:  # written before the table is printed: a failure shows no table as if all went well
         target = Path(a.json)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(json.dumps({"runs": [r["path"] for r in runs], "rows": summary}, indent=2))
+            target.write_text(json.dumps({"runs": [r["path"] for r in runs], "rows": summary, "families": families}, indent=2))
         except OSError as e:
             p.exit(1, f"{p.prog}: error: cannot write --json {target}: {e.strerror or e}\n")
-    print(markdown(summary, len(runs), runs[0]["config"]["baseline"]))
+    baseline = runs[0]["config"]["baseline"]
+    print(markdown(summary, len(runs), baseline))
+    if families:
+        print(f"\nFacts per task family over the {len(runs)} replicates: {baseline}'s, and each row's difference (points)\n")
+        print(markdown_families(families, list(summary), baseline))
     return 0
 
 
