@@ -2,7 +2,7 @@
 
     python benchmarks/ab_strategy.py --ref 29c5878 [--module pdlightning/decoding/planned.py]
         [--strategy planned] [--model runs/quickstart/models/planned/hf] [--limit 40]
-        [--step_ratios 1 0.5 0.25] [--old_args JSON]
+        [--step_ratios 1 0.5 0.25] [--old_args JSON] [--new_args JSON]
 
 The module's source at ``--ref`` (``git show``) is loaded under another name,
 its strategies registered with an ``_old`` suffix, so both versions decode with
@@ -15,10 +15,11 @@ dense_planned) for ``--step_ratios``; one without it (planned_ar) decodes once, 
 
     python benchmarks/ab_strategy.py --ref HEAD --module pdlightning/decoding/planned_ar.py --strategy planned_ar
 
-Without ``--ref`` both arms are the working tree's strategy and ``--old_args`` (a
-JSON object of its arguments) sets the old arm apart: a knob against its default.
+Without ``--ref`` both arms are the working tree's strategy and ``--old_args`` /
+``--new_args`` (JSON objects of its arguments) set them apart: a knob against its default.
 
     python benchmarks/ab_strategy.py --strategy planned_ar --old_args '{"draft_plan_lengths": false}'
+    python benchmarks/ab_strategy.py --strategy planned --new_args '{"parallel_threshold": 0.9}'
 
 Each arm's mean critical path (forward passes on the response's path) is printed beside its seconds.
 """
@@ -54,6 +55,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--ref", help="git ref of the old version (default: the working tree's, with --old_args)")
     p.add_argument("--old_args", type=json.loads, default={}, help="JSON object of the old arm's extra arguments")
+    p.add_argument("--new_args", type=json.loads, default={}, help="JSON object of the new arm's extra arguments")
     p.add_argument("--module", default="pdlightning/decoding/planned.py")
     p.add_argument("--strategy", default="planned")
     p.add_argument("--model", default="runs/quickstart/models/planned/hf")
@@ -62,10 +64,11 @@ def main() -> None:
     p.add_argument("--max_new_tokens", type=int, default=600)
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
-    if a.ref is None and not a.old_args:
-        p.error("give --ref (a git ref of the old version) or --old_args (the old arm's arguments), or both")
-    if not isinstance(a.old_args, dict):
-        p.error(f"--old_args must be a JSON object, got {a.old_args!r}")
+    if a.ref is None and not (a.old_args or a.new_args):
+        p.error("give --ref (a git ref of the old version) or --old_args / --new_args (the arms' arguments)")
+    for name in ("old_args", "new_args"):
+        if not isinstance(getattr(a, name), dict):
+            p.error(f"--{name} must be a JSON object, got {getattr(a, name)!r}")
     torch.set_num_threads(a.threads)
     if a.ref is not None:
         load_old(a.ref, a.module)
@@ -76,7 +79,7 @@ def main() -> None:
     for r in ratios:
         knobs = {"max_new_tokens": a.max_new_tokens} | ({} if r is None else {"step_ratio": r})
         old_name = a.strategy + ("" if a.ref is None else "_old")
-        arms = {"old": get_strategy(old_name, **knobs, **a.old_args), "new": get_strategy(a.strategy, **knobs)}
+        arms = {"old": get_strategy(old_name, **knobs, **a.old_args), "new": get_strategy(a.strategy, **knobs, **a.new_args)}
         for s in arms.values():
             s.generate(lm, prompts[:2])  # warm-up, not timed
         seconds, passes, identical = {"old": 0.0, "new": 0.0}, {"old": 0, "new": 0}, True
@@ -96,7 +99,8 @@ def main() -> None:
         print(f"{label}: old {out[r]['old_s']:.3f} s, new {out[r]['new_s']:.3f} s per response, "
               f"new {out[r]['speedup']:.2f}x as fast; critical path {out[r]['old_critical_path']:.1f} -> "
               f"{out[r]['new_critical_path']:.1f}; tokens identical: {identical}", flush=True)
-    print(json.dumps({"bench": "ab_strategy", "ref": a.ref, "old_args": a.old_args, "module": a.module,
+    print(json.dumps({"bench": "ab_strategy", "ref": a.ref, "old_args": a.old_args, "new_args": a.new_args,
+                      "module": a.module,
                       "limit": a.limit, "results": out}))
 
 
