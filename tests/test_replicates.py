@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from pdlightning.eval.replicates import load_runs, markdown, markdown_families, summarise, summarise_families
+from pdlightning.eval.replicates import (
+    load_runs,
+    markdown,
+    markdown_families,
+    summarise,
+    summarise_families,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {"out_dir": "runs/q", "seed": 0, "threads": 2, "limit": 60, "baseline": "AR",
