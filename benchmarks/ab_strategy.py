@@ -79,7 +79,8 @@ def main() -> None:
     for r in ratios:
         knobs = {"max_new_tokens": a.max_new_tokens} | ({} if r is None else {"step_ratio": r})
         old_name = a.strategy + ("" if a.ref is None else "_old")
-        arms = {"old": get_strategy(old_name, **knobs, **a.old_args), "new": get_strategy(a.strategy, **knobs, **a.new_args)}
+        arms = {"old": get_strategy(old_name, **knobs, **a.old_args),
+                "new": get_strategy(a.strategy, **knobs, **a.new_args)}
         for s in arms.values():
             s.generate(lm, prompts[:2])  # warm-up, not timed
         seconds, passes, identical = {"old": 0.0, "new": 0.0}, {"old": 0, "new": 0}, True
@@ -100,8 +101,7 @@ def main() -> None:
               f"new {out[r]['speedup']:.2f}x as fast; critical path {out[r]['old_critical_path']:.1f} -> "
               f"{out[r]['new_critical_path']:.1f}; tokens identical: {identical}", flush=True)
     print(json.dumps({"bench": "ab_strategy", "ref": a.ref, "old_args": a.old_args, "new_args": a.new_args,
-                      "module": a.module,
-                      "limit": a.limit, "results": out}))
+                      "module": a.module, "limit": a.limit, "results": out}))
 
 
 if __name__ == "__main__":
