@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pdlightning.eval.bench import BenchConfig, pareto
+from pdlightning.eval.machine import cpu_name, describe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -283,6 +285,9 @@ def test_bench_smoke_writes_results_with_ratios_against_ar(tmp_path: Path):
     assert results["diffusion"]["critical_path"] == pytest.approx(32)  # steps = budget
     assert [row["value"] for row in summary["sweeps"]["PD/step_ratio"]] == [0.5, 1.0]
     assert "| PD |" in (tmp_path / "results.md").read_text()
+    machine = summary["machine"]  # which CPU: speeds differ between kinds (`replicates` names them)
+    assert machine["cpu"] == cpu_name() and machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert f"[bench] machine: {describe(machine)}" in out.stdout
     assert "| PD/step_ratio | 0.5 |" in (tmp_path / "results.md").read_text()
     for name in ("latency_vs_quality.png", "critical_path.png", "sweep_PD_step_ratio.png"):
         assert (tmp_path / name).stat().st_size > 1000

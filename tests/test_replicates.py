@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from pdlightning.eval.machine import cpu_name, describe
 from pdlightning.eval.replicates import (
     load_runs,
     markdown,
@@ -23,7 +25,8 @@ CONFIG = {"out_dir": "runs/q", "seed": 0, "threads": 2, "limit": 60, "baseline":
 
 
 def write_run(root: Path, name: str, facts: dict[str, float], speedup: float,
-              families: dict[str, dict[str, tuple[float, int]]] | None = None, **config) -> Path:
+              families: dict[str, dict[str, tuple[float, int]]] | None = None,
+              machine: dict | None = None, **config) -> Path:
     """A bench run's results.json; ``families``: per row, ``{family: (facts, keys)}``."""
     d = root / name
     d.mkdir()
@@ -32,8 +35,10 @@ def write_run(root: Path, name: str, facts: dict[str, float], speedup: float,
                      "critical_path_vs_ar": 1.0 if row == "AR" else 0.5} for row, f in facts.items()}
     for row, table in (families or {}).items():
         results[row]["facts_by_family"] = {f: {"facts": v, "keys": k} for f, (v, k) in table.items()}
-    (d / "results.json").write_text(json.dumps({"config": {**CONFIG, "out_dir": str(d), **config},
-                                                "results": results}))
+    data = {"config": {**CONFIG, "out_dir": str(d), **config}, "results": results}
+    if machine is not None:
+        data["machine"] = machine
+    (d / "results.json").write_text(json.dumps(data))
     return d
 
 
@@ -142,3 +147,41 @@ def test_facts_per_family_over_replicates_by_hand(tmp_path: Path):
         "| shop | 22 | 40.0 ± 14.1 | +10.0 ± 0.0 |", "| profile | 9 | 45.0 ± 7.1 | – |"]
     c = write_run(tmp_path, "c", {"AR": 0.4, "PD": 0.3}, 2.0, seed=2)  # a bench from before the families
     assert summarise_families(load_runs([a, b, c])) == {}
+
+
+XEON = {"threads": 2, "cpu": "Intel(R) Xeon(R) Processor (family 6 model 207)", "cpu_capability": "AVX512", "gpu": None}
+EPYC = {"threads": 2, "cpu": "AMD EPYC 7B13 (family 25 model 1)", "cpu_capability": "AVX2", "gpu": None}
+
+
+def test_runs_from_different_machines_are_named_and_the_same_machine_is_not(tmp_path: Path):
+    def replicates(*dirs: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pdlightning.cli", "replicates", *map(str, dirs), "--json",
+                               str(tmp_path / "s.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    a = write_run(tmp_path, "a", {"AR": 0.4, "PD": 0.2}, 2.0, seed=0, machine=XEON)
+    b = write_run(tmp_path, "b", {"AR": 0.4, "PD": 0.3}, 1.5, seed=1, machine=XEON)
+    c = write_run(tmp_path, "c", {"AR": 0.4, "PD": 0.3}, 1.0, seed=2, machine=EPYC)
+    d = write_run(tmp_path, "d", {"AR": 0.4, "PD": 0.3}, 1.0, seed=3)  # from before the CPU was recorded
+    same = replicates(a, b)
+    assert same.returncode == 0, same.stderr
+    assert "kinds of machine" not in same.stdout
+    mixed = replicates(a, b, c, d)
+    assert mixed.returncode == 0, mixed.stderr
+    note = mixed.stdout.split("These runs come from 3 kinds of machine")[1].splitlines()[1:]
+    assert note == [f"- {a / 'results.json'}: Intel(R) Xeon(R) Processor (family 6 model 207), AVX512",
+                    f"- {b / 'results.json'}: Intel(R) Xeon(R) Processor (family 6 model 207), AVX512",
+                    f"- {c / 'results.json'}: AMD EPYC 7B13 (family 25 model 1), AVX2",
+                    f"- {d / 'results.json'}: CPU not recorded (a run from before pdlightning recorded it)"]
+    written = json.loads((tmp_path / "s.json").read_text())["machines"]
+    assert written[str(c / "results.json")] == "AMD EPYC 7B13 (family 25 model 1), AVX2"
+
+
+def test_cpu_name_keeps_family_and_model_from_cpuinfo():
+    cpuinfo = ("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 207\n"
+               "model name\t: Intel(R) Xeon(R) Processor\n\nprocessor\t: 1\ncpu family\t: 7\nmodel\t\t: 1\n"
+               "model name\t: Other\n")
+    assert cpu_name(cpuinfo) == "Intel(R) Xeon(R) Processor (family 6 model 207)"
+    assert cpu_name("processor\t: 0\nmodel name\t: Some ARM core\n") == "Some ARM core"
+    assert cpu_name("") == (platform.processor() or platform.machine() or "unknown CPU")
+    assert describe({**XEON, "gpu": "NVIDIA H100"}) == ("Intel(R) Xeon(R) Processor (family 6 model 207), AVX512, "
+                                                         "NVIDIA H100")

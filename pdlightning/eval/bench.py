@@ -22,6 +22,7 @@ import yaml
 from tqdm import tqdm
 
 from pdlightning.decoding import Generation, LanguageModel, get_strategy
+from pdlightning.eval.machine import describe, machine_info
 from pdlightning.eval.metrics import (
     FactAccuracy,
     FactAccuracyDelta,
@@ -556,7 +557,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         table += f"\n\n{markdown_sweeps(sweeps)}\n\n{markdown_frontier(results, sweeps, cfg.baseline)}"
     summary = {
         "config": asdict(cfg),
-        "machine": {"threads": cfg.threads, "torch": torch.__version__, "cpu_count": os.cpu_count()},
+        "machine": machine_info(cfg.threads),
         "results": results,
         "sweeps": sweeps,
         "minutes": (time.time() - started) / 60,
@@ -565,6 +566,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     (out / "results.md").write_text(table + "\n")
     files = plot(results, sweeps, out)
     print("\n" + table + "\n")
+    print(f"[bench] machine: {describe(summary['machine'])}, {cfg.threads} threads")
     print(f"[bench] wrote {out / 'results.json'}, {out / 'results.md'} and {len(files)} plots in {out}")
     return summary
 

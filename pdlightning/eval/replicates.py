@@ -11,6 +11,8 @@ baseline measured in the same run (so the facts difference is paired)::
 
 A second table does the same per task family (``facts_by_family`` of the bundled
 set): the baseline's facts, and every other row's paired difference in points.
+Runs from different kinds of CPU are named, one line each: speed-ups differ
+between kinds, and so, on a CPU, do the models one seed trains.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from pdlightning.eval.machine import describe
 from pdlightning.jsonio import read_json
 
 #: Config keys that may differ between replicates; any other difference is refused.
@@ -180,11 +183,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     summary = summarise(runs)
     families = summarise_families(runs)
+    machines = {r["path"]: describe(r.get("machine")) for r in runs}
     if a.json:  # written before the table is printed: a failure shows no table as if all went well
         target = Path(a.json)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(json.dumps({"runs": [r["path"] for r in runs], "rows": summary, "families": families}, indent=2))
+            target.write_text(json.dumps({"runs": [r["path"] for r in runs], "rows": summary, "families": families,
+                                          "machines": machines}, indent=2))
         except OSError as e:
             p.exit(1, f"{p.prog}: error: cannot write --json {target}: {e.strerror or e}\n")
     baseline = runs[0]["config"]["baseline"]
@@ -192,6 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     if families:
         print(f"\nFacts per task family over the {len(runs)} replicates: {baseline}'s, and each row's difference (points)\n")
         print(markdown_families(families, list(summary), baseline))
+    kinds = set(machines.values())
+    if len(kinds) > 1:
+        print(f"\nThese runs come from {len(kinds)} kinds of machine; their speed-ups, and the models "
+              "one seed trains, differ between kinds:")
+        for path, machine in machines.items():
+            print(f"- {path}: {machine}")
     return 0
 
 
