@@ -183,5 +183,6 @@ def test_cpu_name_keeps_family_and_model_from_cpuinfo():
     assert cpu_name(cpuinfo) == "Intel(R) Xeon(R) Processor (family 6 model 207)"
     assert cpu_name("processor\t: 0\nmodel name\t: Some ARM core\n") == "Some ARM core"
     assert cpu_name("") == (platform.processor() or platform.machine() or "unknown CPU")
+    assert describe("Xeon").startswith("CPU not recorded") and describe(None).startswith("CPU not recorded")
     assert describe({**XEON, "gpu": "NVIDIA H100"}) == ("Intel(R) Xeon(R) Processor (family 6 model 207), AVX512, "
                                                          "NVIDIA H100")

@@ -51,9 +51,9 @@ def machine_info(threads: int) -> dict[str, Any]:
     }
 
 
-def describe(machine: dict[str, Any] | None) -> str:
+def describe(machine: Any) -> str:
     """One line for a ``results.json``'s ``machine``: the CPU, its vector instructions and any GPU."""
-    if not machine or "cpu" not in machine:
+    if not isinstance(machine, dict) or "cpu" not in machine:
         return "CPU not recorded (a run from before pdlightning recorded it)"
     text = f"{machine['cpu']}, {machine.get('cpu_capability') or 'unknown ISA'}"
     return f"{text}, {machine['gpu']}" if machine.get("gpu") else text
