@@ -40,6 +40,7 @@ import torch
 from pdlightning.decoding import LanguageModel, get_strategy
 from pdlightning.decoding.base import strategy_class
 from pdlightning.eval.bench import BenchConfig, load_prompts
+from pdlightning.eval.machine import machine_info
 
 
 def load_old(ref: str, module: str) -> None:
@@ -101,7 +102,8 @@ def main() -> None:
               f"new {out[r]['speedup']:.2f}x as fast; critical path {out[r]['old_critical_path']:.1f} -> "
               f"{out[r]['new_critical_path']:.1f}; tokens identical: {identical}", flush=True)
     print(json.dumps({"bench": "ab_strategy", "ref": a.ref, "old_args": a.old_args, "new_args": a.new_args,
-                      "module": a.module, "limit": a.limit, "results": out}))
+                      "module": a.module, "limit": a.limit, "results": out,
+                      "machine": machine_info(a.threads)}))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,10 @@ import json
 import tempfile
 import time
 
+import torch
+
 from pdlightning.data.datamodule import PlannedDataModule
+from pdlightning.eval.machine import machine_info
 
 
 def prepare(cache_dir: str, sizes: dict[str, int]) -> tuple[float, int]:
@@ -38,7 +41,8 @@ def main() -> None:
     print(f"{'first':<8}{first:>10.2f}{rows / first:>12.0f}")
     print(f"{'cached':<8}{cached:>10.2f}{rows / cached:>12.0f}")
     print(json.dumps({"bench": "data", "rows": rows, "first_rows_per_s": rows / first,
-                      "cached_rows_per_s": rows / cached, "speedup": first / cached, "goal": ">= 10"}))
+                      "cached_rows_per_s": rows / cached, "speedup": first / cached, "goal": ">= 10",
+                      "machine": machine_info(torch.get_num_threads())}))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import torch
 
 from pdlightning.decoding import LanguageModel
 from pdlightning.eval.bench import BenchConfig, Job, evaluate_rows, load_prompts
+from pdlightning.eval.machine import machine_info
 
 ROWS = [  # name, model directory, decoder, args
     ("AR", "autoregressive", "autoregressive", {"max_new_tokens": 400}),
@@ -58,7 +59,7 @@ def main() -> None:
         print(f"{key:<16}{100 * r['fact_accuracy']:>6.1f}%{r['latency_s']:>11.3f}{r['speedup_vs_ar']:>9.2f}x"
               f"{r['forward_passes']:>9.1f}{r['passes_vs_ar']:>7.2f}{r['critical_path']:>11.1f}"
               f"{r['fed_positions']:>8.0f}")
-    print(json.dumps({"bench": "decoders", "results": out}))
+    print(json.dumps({"bench": "decoders", "results": out, "machine": machine_info(a.threads)}))
 
 
 if __name__ == "__main__":

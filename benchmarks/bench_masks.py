@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from pdlightning.eval.machine import machine_info
 from pdlightning.masks import batch_attention_mask
 from pdlightning.model.backbone import TINY_QWEN2, build_backbone
 from pdlightning.tags import CONTROL_NAMES, TagSpec
@@ -68,7 +69,8 @@ def main() -> None:
     print(f"{'mask (ms)':>10}{'fwd+bwd (ms)':>14}{'ratio':>8}")
     print(f"{mask_ms:>10.1f}{step_ms:>14.1f}{mask_ms / step_ms:>8.3f}")
     print(json.dumps({"bench": "masks", "batch": 8, "seq_len": 1024, "threads": a.threads, "mask_ms": mask_ms,
-                      "fwd_bwd_ms": step_ms, "ratio": mask_ms / step_ms, "goal": "< 0.05"}))
+                      "fwd_bwd_ms": step_ms, "ratio": mask_ms / step_ms, "goal": "< 0.05",
+                      "machine": machine_info(a.threads)}))
 
 
 if __name__ == "__main__":

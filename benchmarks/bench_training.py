@@ -4,21 +4,24 @@ of the same backbone on the same data, in one run, with peak memory.
     python benchmarks/bench_training.py [--steps 60] [--batch_size 8] [--threads 2]
     python benchmarks/bench_training.py --kernels   # attention alone: mask vs causal vs none
 
-Both arms use the tiny backbone of configs/tiny.yaml and the bundled set: the
-planned arm on the planned layout (hybrid mask, noise, both loss terms), the
-causal arm on the tag-stripped answers with the backbone's own causal attention
-(no 4D mask, the fastest path it has). Both arms train on the same examples in
-the same batches; throughput counts their *answer* tokens (prompt + plain
-answer) per second, so the planned arm is not credited for its plan, tags and
-pads (``processed`` tokens/s, which does credit them, is printed too).
+Every arm uses the tiny backbone of configs/tiny.yaml and the bundled set: the
+planned arm on the planned layout (hybrid mask, noise, both loss terms: the
+paper's objective), the recipe arm on the same layout with the share of
+``planned_ar`` rows (spans by next-token prediction) that configs/tiny.yaml's
+planned stage trains (``ar_fraction``), and the causal arm on the tag-stripped
+answers with the backbone's own causal attention (no 4D mask, the fastest path
+it has). The arms train on the same examples in the same batches; throughput
+counts their *answer* tokens (prompt + plain answer) per second, so the planned
+arms are not credited for their plan, tags and pads (``processed`` tokens/s,
+which does credit them, is printed too).
 
-The arms take turns, one step each (which goes first alternates), so a spell of
+The arms take turns, one step each (their order alternates), so a spell of
 a slower machine (another process, a throttled core) slows both alike and the
 ratio stays a ratio from one run. Peak memory is the process's peak RSS after
 each arm's untimed warm-up on the longest batches (causal first), the steps
 whose activations are the largest. The batch size defaults to the tiny recipe's
 (``data.batch_size`` of configs/tiny.yaml).
-Prints a table and one JSON line last.
+Prints a table, then one JSON line with the ratios and the machine.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 import yaml
 
 from pdlightning.data.datamodule import LengthGroupedSampler, PlannedDataModule, Stage
+from pdlightning.eval.machine import describe, machine_info
 from pdlightning.model.module import BackboneConfig, PlannedDiffusionModule
 
 
@@ -91,6 +95,29 @@ def run_arms(arms: dict[str, Arm], steps: int, warmup: int = 2) -> dict:
     return results
 
 
+def arm_batches(dm: PlannedDataModule, steps: int, batch_size: int, ar_fraction: float) -> dict[str, list]:
+    """Each arm's batches, the same examples in the same batches in every arm: ``causal``
+    (tag-stripped answers), ``planned`` (the planned layout, every row noised) and ``recipe``
+    (the planned layout with ``ar_fraction`` of the rows ``planned_ar``). Each batch also
+    carries ``answer_tokens``, its examples' prompt + plain answer lengths."""
+    datasets = {
+        "causal": dm.dataset("train", "autoregressive"),
+        "planned": dm.dataset("train", "planned"),
+        "recipe": dm.dataset("train", "planned", ar_fraction=ar_fraction),
+    }
+    plain_lengths = datasets["causal"].lengths()
+    index_batches = list(LengthGroupedSampler(datasets["planned"].lengths(), batch_size, seed=0, epoch=0))[:steps]
+    out = {}
+    for name, ds in datasets.items():
+        collate = dm.collate_fn("autoregressive" if name == "causal" else "planned")
+        out[name] = []
+        for idx in index_batches:
+            batch = collate([ds[i] for i in idx])
+            batch.answer_tokens = sum(plain_lengths[i] for i in idx)
+            out[name].append(batch)
+    return out
+
+
 def time_attention_kernels(batch: int, length: int, heads: int = 4, head_dim: int = 32, reps: int = 10) -> dict:
     """Seconds of one forward and backward of ``scaled_dot_product_attention`` per mask kind.
 
@@ -132,37 +159,37 @@ def main() -> None:
     dm = PlannedDataModule(cache_dir=a.cache_dir, batch_size=a.batch_size, stages=[Stage("planned", None)])
     dm.setup()
     cfg = recipe["model"]["backbone"]["config"]
-    datasets = {mode: dm.dataset("train", mode) for mode in ("autoregressive", "planned")}
-    plain = datasets["autoregressive"]
-    lengths = datasets["planned"].lengths()
-    plain_lengths = plain.lengths()
-    index_batches = list(LengthGroupedSampler(lengths, a.batch_size, seed=0, epoch=0))[: a.steps]
+    ar_fraction = float(recipe["data"]["stages"][-1].get("ar_fraction", 0.0))  # the planned stage's
     arms = {}
-    for name, mode in (("causal", "autoregressive"), ("planned", "planned")):
-        collate = dm.collate_fn(mode)
-        batches = []
-        for idx in index_batches:  # the same examples in both arms
-            batch = collate([datasets[mode][i] for i in idx])
-            batch.answer_tokens = sum(plain_lengths[i] for i in idx)
-            batches.append(batch)
+    for name, batches in arm_batches(dm, a.steps, a.batch_size, ar_fraction).items():
         torch.manual_seed(0)
         module = PlannedDiffusionModule(tokenizer=dm.tokenizer, spec=dm.spec, backbone=BackboneConfig(config=cfg))
         arms[name] = Arm(module, batches, causal_fast_path=(name == "causal"))
     results = run_arms(arms, a.steps)
-    ratio = results["planned"]["tokens_per_s"] / results["causal"]["tokens_per_s"]
-    print(f"{'arm':<10}{'step (s)':>10}{'answer tok/s':>14}{'processed tok/s':>17}{'peak RSS (MB)':>15}")
-    for name in ("causal", "planned"):
-        r = results[name]
+    causal = results["causal"]
+    print(f"{'arm':<10}{'step (s)':>10}{'answer tok/s':>14}{'processed tok/s':>17}{'peak RSS (MB)':>15}{'vs causal':>11}")
+    for name, r in results.items():
         print(f"{name:<10}{r['step_s']:>10.3f}{r['tokens_per_s']:>14.0f}{r['processed_tokens_per_s']:>17.0f}"
-              f"{r['peak_rss_mb']:>15.0f}")
+              f"{r['peak_rss_mb']:>15.0f}{r['tokens_per_s'] / causal['tokens_per_s']:>10.2f}x")
+    machine = machine_info(a.threads)
+    print(f"recipe: ar_fraction {ar_fraction} (configs/tiny.yaml's planned stage); machine: {describe(machine)}")
+
+    def ratios(arm: str) -> dict:
+        r = results[arm]
+        return {"ratio": r["tokens_per_s"] / causal["tokens_per_s"],
+                "processed_ratio": r["processed_tokens_per_s"] / causal["processed_tokens_per_s"]}
+
     print(json.dumps({"bench": "training", "batch_size": a.batch_size, "threads": a.threads,
-                      "causal_tokens_per_s": results["causal"]["tokens_per_s"],
+                      "causal_tokens_per_s": causal["tokens_per_s"],
                       "planned_tokens_per_s": results["planned"]["tokens_per_s"],
-                      "ratio": ratio,
-                      "processed_ratio": results["planned"]["processed_tokens_per_s"]
-                      / results["causal"]["processed_tokens_per_s"],
-                      "peak_rss_mb_causal": results["causal"]["peak_rss_mb"],
-                      "peak_rss_mb_planned": results["planned"]["peak_rss_mb"], "goal": ">= 0.8"}))
+                      **ratios("planned"),
+                      "recipe_ar_fraction": ar_fraction,
+                      "recipe_tokens_per_s": results["recipe"]["tokens_per_s"],
+                      **{f"recipe_{k}": v for k, v in ratios("recipe").items()},
+                      "peak_rss_mb_causal": causal["peak_rss_mb"],
+                      "peak_rss_mb_planned": results["planned"]["peak_rss_mb"],
+                      "peak_rss_mb_recipe": results["recipe"]["peak_rss_mb"],
+                      "goal": ">= 0.8", "machine": machine}))
 
 
 if __name__ == "__main__":

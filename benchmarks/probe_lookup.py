@@ -37,6 +37,7 @@ from pdlightning.decoding import LanguageModel
 from pdlightning.decoding.dense_planned import DensePlannedDiffusion
 from pdlightning.decoding.planned import PlannedDiffusion
 from pdlightning.eval.bench import BenchConfig
+from pdlightning.eval.machine import machine_info
 from pdlightning.layout import encode_plain, encode_response, entry_ids
 from pdlightning.masks import Role, batch_attention_mask, roles
 from pdlightning.tags import parse
@@ -164,7 +165,7 @@ def main() -> None:
     for f in families:
         print(f"{f:<13}" + "".join(f"{100 * table[c].get(f, float('nan')):>{max(10, len(c) + 2) - 1}.1f}%"
                                    for c in scores))
-    print(json.dumps({"prompts": len(rows), "per_prompt_mean": table}))
+    print(json.dumps({"prompts": len(rows), "per_prompt_mean": table, "machine": machine_info(a.threads)}))
 
 
 if __name__ == "__main__":

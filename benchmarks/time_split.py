@@ -23,6 +23,7 @@ import torch
 
 from pdlightning.decoding import LanguageModel, get_strategy
 from pdlightning.eval.bench import BenchConfig, load_prompts
+from pdlightning.eval.machine import machine_info
 
 ROWS = [  # name, model directory, decoder, args
     ("AR", "autoregressive", "autoregressive", {"max_new_tokens": 400}),
@@ -102,7 +103,8 @@ def main() -> None:
                   f"{r['denoise_passes']:>16.1f}" if "plan_s" in r else "")
         print(f"{name:<12}{r['seconds']:>8.3f}{r['backbone_s'] / r['seconds']:>9.0%}"
               f"{r['decoder_s'] / r['seconds']:>9.0%}{r['passes']:>8.1f}{phases}")
-    print(json.dumps({"bench": "time_split", "limit": a.limit, "results": out}))
+    print(json.dumps({"bench": "time_split", "limit": a.limit, "results": out,
+                      "machine": machine_info(a.threads)}))
 
 
 if __name__ == "__main__":

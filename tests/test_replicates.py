@@ -186,3 +186,18 @@ def test_cpu_name_keeps_family_and_model_from_cpuinfo():
     assert describe("Xeon").startswith("CPU not recorded") and describe(None).startswith("CPU not recorded")
     assert describe({**XEON, "gpu": "NVIDIA H100"}) == ("Intel(R) Xeon(R) Processor (family 6 model 207), AVX512, "
                                                          "NVIDIA H100")
+
+
+def test_every_benchmark_script_records_its_machine():
+    """Each ``benchmarks/*.py`` ends with one JSON line; every JSON line it prints names the machine."""
+    import ast
+
+    scripts = sorted((ROOT / "benchmarks").glob("*.py"))
+    assert len(scripts) >= 7
+    for path in scripts:
+        dumps = [node for node in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(node, ast.Call) and ast.unparse(node.func) == "json.dumps"]
+        assert dumps, f"{path.name} prints no JSON line"
+        for call in dumps:
+            keys = {ast.literal_eval(k) for k in call.args[0].keys if k is not None}
+            assert "machine" in keys, f"{path.name}: a JSON line without the machine"
