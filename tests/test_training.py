@@ -380,6 +380,44 @@ def test_the_output_head_runs_only_where_a_token_is_scored_with_the_same_loss_an
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(fast_grads, full_grads, strict=True))
 
 
+def test_a_plain_ar_batch_trains_on_the_backbones_causal_attention_with_the_masked_loss_and_gradients():
+    """Right-padded AR rows of different lengths: no 4D mask goes to the backbone, and the loss and
+    gradients are those of the batch's causal-and-padding mask, with either output head."""
+    import torch.nn.functional as F
+
+    from pdlightning.data.collate import IGNORE, collate
+
+    module = _tiny_module()
+    tok = module.tokenizer
+    prompts = [tok.encode(p, add_special_tokens=False) for p in ("Name: Ann Lee\n", "Age: 31\nName: Ann\n")]
+    answers = [tok.encode(a, add_special_tokens=False) + [module.spec.id("end")]
+               for a in ("Ann is 31 years old.", "She lives in Paris. Ann Lee is 31.")]
+    batch = collate(prompts, answers, module.spec, "autoregressive")
+    assert batch.lengths.unique().numel() == 2  # one row is padded
+
+    def grads() -> list[torch.Tensor]:
+        out = [q.grad.clone() for q in module.parameters()]
+        module.zero_grad()
+        return out
+
+    # the reference: the backbone under the batch's own 4D mask, every labelled token's cross-entropy
+    logits = module.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    labelled = batch.ar_labels != IGNORE
+    reference = F.cross_entropy(logits[labelled], batch.ar_labels[labelled])
+    reference.backward()
+    reference_grads = grads()
+    seen = []
+    module.backbone.base_model.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True)
+    for separable in (True, False):
+        module._separable_head = separable
+        terms = module.loss_terms(batch, torch.Generator().manual_seed(0))
+        terms.loss.backward()
+        assert seen[-1] is None
+        assert terms.ar_count == labelled.sum() == sum(len(a) for a in answers)
+        assert terms.loss.item() == pytest.approx(reference.item(), rel=1e-5)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads(), reference_grads, strict=True))
+
 def test_the_planned_ar_warm_up_masks_nothing_and_scores_every_labelled_token():
     from pdlightning.data.collate import IGNORE, collate
     from pdlightning.data.datamodule import Stage

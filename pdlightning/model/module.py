@@ -230,16 +230,21 @@ class PlannedDiffusionModule(L.LightningModule):
                 batch, self.spec.id("mask"), self.objective.t_min, generator, self.objective.t_sampling
             )
             ids = noised.input_ids
+        # A plain AR batch is right padded, so the backbone's own causal attention gives every
+        # real position what its 4D mask would, on a faster kernel; every other layout needs the mask.
+        if batch.mode == "autoregressive":
+            mask = None
+        else:
+            mask = for_attention(batch.attention_mask, self.backbone.config._attn_implementation)
         logits: Any
         if self._head_is_separable():  # the output head runs only where a token is scored
-            mask = for_attention(batch.attention_mask, self.backbone.config._attn_implementation)
             hidden = self.backbone.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             head = self.backbone.get_output_embeddings()
 
             def logits(needed: torch.Tensor) -> torch.Tensor:
                 return head(hidden[needed])
         else:
-            logits = self(ids, batch.attention_mask)
+            logits = self.backbone(input_ids=ids, attention_mask=mask, use_cache=False).logits
         return objective_loss(
             logits, batch, noised, self.objective.logits, ar_loss_over_t=self.objective.ar_loss_over_t
         )
