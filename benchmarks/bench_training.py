@@ -16,8 +16,8 @@ arms are not credited for their plan, tags and pads (``processed`` tokens/s,
 which does credit them, is printed too).
 
 The arms take turns, one step each (their order alternates), so a spell of
-a slower machine (another process, a throttled core) slows both alike and the
-ratio stays a ratio from one run. Peak memory is the process's peak RSS after
+a slower machine (another process, a throttled core) slows every arm alike and the
+ratios stay ratios from one run. Peak memory is the process's peak RSS after
 each arm's untimed warm-up on the longest batches (causal first), the steps
 whose activations are the largest. The batch size defaults to the tiny recipe's
 (``data.batch_size`` of configs/tiny.yaml).
