@@ -473,6 +473,7 @@ def plot(results: dict[str, dict[str, Any]], sweeps: dict[str, list[dict[str, An
     fl = sorted((lat, q) for lat, q, n in pts if n in front)
     ax.plot([p[0] for p in fl], [100 * p[1] for p in fl], "k--", lw=1, label="Pareto frontier")
     ax.set_xscale("log")
+    ax.margins(x=0.1, y=0.12)  # room for the labels of the extreme points inside the frame
     # within one decade matplotlib labels every minor tick in 10^x form, and they overlap: plain numbers, fewer ticks
     seconds = ticker.FuncFormatter(lambda v, _: f"{v:.2g}")
     ax.xaxis.set_major_formatter(seconds)
